@@ -1,0 +1,80 @@
+"""Post-processing G (a linear head) and losses, with hand-written gradients.
+
+G(h) = h Vᵀ + c maps the fixed point h* (n, d) to predictions ŷ (n, q).
+Losses average over the batch; each returns ``(value, ∂L/∂ŷ)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import Backend, check_finite, check_shape, get_backend, namespace
+
+
+class LinearHead:
+    """G(h) = h Vᵀ + c with V (q, d), c (q,)."""
+
+    def __init__(self, V, c):
+        namespace(V=V, c=c)
+        check_shape("V", V, (None, None))
+        check_shape("c", c, (V.shape[0],))
+        check_finite("V", V)
+        check_finite("c", c)
+        self.V, self.c = V, c
+        self.q, self.d = V.shape
+
+    @classmethod
+    def random(cls, d: int, q: int, *, seed: int, dtype: str = "float64",
+               backend: Backend | None = None) -> "LinearHead":
+        """V ~ N(0, 1/d) entries, c = 0, seeded."""
+        be = backend or get_backend()
+        V = np.random.default_rng(seed).standard_normal((q, d)) / np.sqrt(d)
+        return cls(be.asarray(V, dtype), be.asarray(np.zeros(q), dtype))
+
+    def __call__(self, h):
+        """ŷ = h Vᵀ + c   # (n, q)"""
+        namespace(V=self.V, h=h)
+        check_shape("h", h, (None, self.d))
+        return h @ self.V.T + self.c
+
+    def backward(self, h, dL_dy):
+        """Given ∂L/∂ŷ (n, q): returns ∂L/∂h (n, d) and ``{"V": (q, d), "c": (q,)}``."""
+        xp = namespace(h=h, dL_dy=dL_dy)
+        check_shape("dL_dy", dL_dy, (h.shape[0], self.q))
+        return dL_dy @ self.V, {"V": dL_dy.T @ h, "c": xp.sum(dL_dy, axis=0)}
+
+
+def mse(y_hat, y):
+    """L = mean over all n·q entries of (ŷ − y)²; returns (L, ∂L/∂ŷ = 2(ŷ − y)/(n q))."""
+    xp = namespace(y_hat=y_hat, y=y)
+    if tuple(y.shape) != tuple(y_hat.shape):
+        raise ValueError(f"y must have the shape of y_hat {tuple(y_hat.shape)}, got {tuple(y.shape)}")
+    r = y_hat - y                                              # (n, q)
+    size = r.shape[0] * r.shape[1]
+    return float(xp.sum(r * r)) / size, (2.0 / size) * r
+
+
+def softmax(z):
+    """Row-wise softmax, shifted by the row maximum for stability   # (n, q)"""
+    xp = namespace(z=z)
+    e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
+    return e / xp.sum(e, axis=1, keepdims=True)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy; labels are integer classes (n,).
+
+    L = −(1/n) Σ_i log softmax(z_i)[y_i];  ∂L/∂z = (softmax(z) − onehot(y)) / n.
+    """
+    xp = namespace(logits=logits)
+    check_shape("logits", logits, (None, None))
+    n, q = logits.shape
+    check_shape("labels", labels, (n,))
+    if "int" not in str(labels.dtype):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if n and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= q):
+        raise ValueError(f"labels must lie in [0, {q}), got values outside it")
+    onehot = xp.astype(labels[:, None] == xp.arange(q)[None, :], logits.dtype)   # (n, q)
+    z = logits - xp.max(logits, axis=1, keepdims=True)
+    log_p = z - xp.log(xp.sum(xp.exp(z), axis=1, keepdims=True))               # (n, q)
+    value = -float(xp.sum(onehot * log_p)) / n
+    return value, (xp.exp(log_p) - onehot) / n

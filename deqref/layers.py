@@ -1,0 +1,230 @@
+"""The implicit layer F(h, x; θ) = σ(W h + U x + b) with hand-written derivatives.
+
+A batch holds n samples as rows: ``h`` is (n, d), ``x`` is (n, d_x); per row,
+``F(h, x) = σ(W h + U x + b)``, i.e. ``σ(h Wᵀ + x Uᵀ + b)`` for the batch
+(the ``torch.nn.Linear`` (out, in) convention for W and U).
+
+Jacobian layouts (see DESIGN.md). With ``s = σ'(a)``, ``a = W h + U x + b``:
+
+- standard (numerator) layout, per sample: ``J_h[i, j] = ∂F_i/∂h_j = s_i W[i, j]``;
+- the paper's layout (denominator), used by every ``dF_d*`` method here:
+  ``∂F/∂h = J_hᵀ`` (d, d), ``∂F/∂θ = J_θᵀ`` (d_θ, d), ``∂F/∂x = J_xᵀ`` (d_x, d),
+  so that gradients are column vectors and Eq. (4) of [1] reads left to right.
+
+A vector-Jacobian product in standard layout, ``vᵀ J``, is the paper's-layout
+matrix times ``v``: ``vjp_h(h, x, v) = ∂F/∂h · v`` per sample.
+
+θ is flattened as ``[vec(W), vec(U), b]``, each ``vec`` row-major (C order),
+so ``d_θ = d² + d·d_x + d``.
+
+References
+----------
+[1] Geng et al., On Training Implicit Models, NeurIPS 2021.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import (Backend, backend_of, check_finite, check_shape, dtype_name,
+                      get_backend, namespace, to_numpy)
+
+# ---------------------------------------------------------------- activations
+# Each entry: (σ(a), σ'(a)) written with the array namespace xp.
+ACTIVATIONS = {
+    "tanh": (lambda xp, a: xp.tanh(a),
+             lambda xp, a: 1.0 - xp.tanh(a) ** 2),
+    "relu": (lambda xp, a: xp.maximum(a, 0.0),            # σ'(0) := 0
+             lambda xp, a: xp.astype(a > 0.0, a.dtype)),
+    "identity": (lambda xp, a: a,
+                 lambda xp, a: xp.ones_like(a)),
+    "softplus": (lambda xp, a: xp.logaddexp(a, xp.zeros_like(a)),   # log(1 + eᵃ), stable
+                 lambda xp, a: 1.0 / (1.0 + xp.exp(-a))),             # logistic sigmoid
+}
+
+
+def check_activation(activation: str) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
+    """Scale W so that its spectral norm ‖W‖₂ is exactly ``L_h`` (host NumPy, float64).
+
+    With |σ'| ≤ 1 this makes F L_h-Lipschitz in h (the synthetic setting of [1], Sec. 3).
+    """
+    if not (np.isfinite(L_h) and L_h > 0):
+        raise ValueError(f"L_h must be a positive finite number, got {L_h!r}")
+    W = np.asarray(W, dtype=np.float64)
+    return W * (L_h / np.linalg.norm(W, 2))
+
+
+class Layer:
+    """F(h, x; θ) = σ(W h + U x + b), batched over rows.
+
+    Parameters
+    ----------
+    W : (d, d) array      recurrent weight (non-symmetric in general)
+    U : (d, d_x) array    input-injection weight
+    b : (d,) array        bias
+    activation : str      one of ``ACTIVATIONS``
+    """
+
+    def __init__(self, W, U, b, activation: str = "tanh"):
+        self.activation = check_activation(activation)
+        self.xp = namespace(W=W, U=U, b=b)
+        check_shape("W", W, (None, None))
+        d = W.shape[0]
+        check_shape("W", W, (d, d))
+        check_shape("U", U, (d, None))
+        check_shape("b", b, (d,))
+        for name, a in (("W", W), ("U", U), ("b", b)):
+            check_finite(name, a)
+        self.W, self.U, self.b = W, U, b
+        self.d, self.d_x = d, U.shape[1]
+        self.dtype = dtype_name(W)
+        self.backend: Backend = backend_of(W)
+        self._sigma, self._dsigma = ACTIVATIONS[activation]
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def random(cls, d: int, d_x: int, activation: str = "tanh", *, seed: int, L_h: float = 0.9,
+               dtype: str = "float64", backend: Backend | None = None) -> "Layer":
+        """A seeded random layer with ‖W‖₂ = L_h exactly and W non-symmetric.
+
+        W, U have i.i.d. N(0, 1/d) (resp. N(0, 1/d_x)) entries before W is normalized;
+        b ~ N(0, 0.1²). Draws come from ``numpy.random.default_rng(seed)``.
+        """
+        for name, v in (("d", d), ("d_x", d_x)):
+            if not (isinstance(v, (int, np.integer)) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        be = backend or get_backend()
+        rng = np.random.default_rng(seed)
+        W = spectral_normalize(rng.standard_normal((d, d)) / np.sqrt(d), L_h)
+        U = rng.standard_normal((d, d_x)) / np.sqrt(d_x)
+        b = 0.1 * rng.standard_normal(d)
+        return cls(be.asarray(W, dtype), be.asarray(U, dtype), be.asarray(b, dtype), activation)
+
+    @property
+    def d_theta(self) -> int:
+        return self.d * self.d + self.d * self.d_x + self.d
+
+    @property
+    def theta(self):
+        """θ flattened as [vec(W), vec(U), b], row-major: shape (d_θ,)."""
+        xp = self.xp
+        return xp.concat([xp.reshape(self.W, (-1,)), xp.reshape(self.U, (-1,)), self.b])
+
+    def unflatten(self, theta) -> dict:
+        """Split a flat (d_θ,) vector into ``{"W": (d, d), "U": (d, d_x), "b": (d,)}``."""
+        check_shape("theta", theta, (self.d_theta,))
+        d, d_x, xp = self.d, self.d_x, self.xp
+        nW, nU = d * d, d * d_x
+        return {"W": xp.reshape(theta[:nW], (d, d)),
+                "U": xp.reshape(theta[nW:nW + nU], (d, d_x)),
+                "b": theta[nW + nU:]}
+
+    def flatten(self, params: dict):
+        """Inverse of ``unflatten``: ``{"W", "U", "b"}`` to a (d_θ,) vector."""
+        xp = self.xp
+        return xp.concat([xp.reshape(params["W"], (-1,)), xp.reshape(params["U"], (-1,)),
+                          params["b"]])
+
+    def with_theta(self, theta) -> "Layer":
+        """A new layer with the same activation and parameters θ (flat)."""
+        p = self.unflatten(theta)
+        return Layer(p["W"], p["U"], p["b"], self.activation)
+
+    def to_numpy(self) -> dict:
+        return {"W": to_numpy(self.W), "U": to_numpy(self.U), "b": to_numpy(self.b),
+                "activation": self.activation}
+
+    def __repr__(self):
+        return (f"Layer(d={self.d}, d_x={self.d_x}, activation={self.activation!r}, "
+                f"dtype={self.dtype}, backend={self.backend.name})")
+
+    # ------------------------------------------------------------ the value
+    def check_inputs(self, x=None, **vectors):
+        """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes,
+        one backend and one dtype shared with the layer; errors name the argument."""
+        namespace(W=self.W, x=x, **vectors)
+        n = None
+        if x is not None:
+            check_shape("x", x, (None, self.d_x))
+            n = x.shape[0]
+        for name, v in vectors.items():
+            if v is not None:
+                check_shape(name, v, (n, self.d))
+                n = v.shape[0]
+
+    def preactivation(self, h, x):
+        """a = h Wᵀ + x Uᵀ + b   # (n, d)"""
+        return h @ self.W.T + x @ self.U.T + self.b
+
+    def input_injection(self, x):
+        """x Uᵀ + b, the part of the pre-activation that does not depend on h   # (n, d)"""
+        return x @ self.U.T + self.b
+
+    def __call__(self, h, x):
+        """F(h, x) = σ(h Wᵀ + x Uᵀ + b)   # (n, d)"""
+        return self._sigma(self.xp, self.preactivation(h, x))
+
+    def sigma_prime(self, h, x):
+        """s = σ'(a) at a = h Wᵀ + x Uᵀ + b   # (n, d)"""
+        return self._dsigma(self.xp, self.preactivation(h, x))
+
+    # ------------------------------------------------------------ dense Jacobians
+    def jacobian_h(self, h, x):
+        """Standard layout J_h[i, j] = ∂F_i/∂h_j = s_i W[i, j], per sample   # (n, d, d)"""
+        s = self.sigma_prime(h, x)                       # (n, d)
+        return s[:, :, None] * self.W[None, :, :]        # (n, d, d)
+
+    def dF_dh(self, h, x):
+        """Paper's layout ∂F/∂h = J_hᵀ, per sample: [j, i] = ∂F_i/∂h_j   # (n, d, d)"""
+        return self.xp.permute_dims(self.jacobian_h(h, x), (0, 2, 1))
+
+    def dF_dx(self, h, x):
+        """Paper's layout ∂F/∂x = J_xᵀ, per sample: [q, i] = s_i U[i, q]   # (n, d_x, d)"""
+        s = self.sigma_prime(h, x)                                          # (n, d)
+        return self.xp.permute_dims(s[:, :, None] * self.U[None, :, :], (0, 2, 1))
+
+    def dF_dtheta(self, h, x):
+        """Paper's layout ∂F/∂θ = J_θᵀ, per sample   # (n, d_θ, d)
+
+        Rows follow θ = [vec(W), vec(U), b]: ∂F_i/∂W[p, q] = s_i δ_ip h_q,
+        ∂F_i/∂U[p, q] = s_i δ_ip x_q, ∂F_i/∂b_p = s_i δ_ip.
+        """
+        xp = self.xp
+        n, d, d_x = h.shape[0], self.d, self.d_x
+        s = self.sigma_prime(h, x)                                   # (n, d)
+        eye = xp.eye(d, dtype=h.dtype)                               # (d, d)  δ_ip
+        S = s[:, None, :] * eye[None, :, :]                          # (n, d, d)  [p, i] = s_i δ_ip
+        dW = S[:, :, None, :] * h[:, None, :, None]                  # (n, p, q, i)
+        dU = S[:, :, None, :] * x[:, None, :, None]                  # (n, p, q, i)
+        return xp.concat([xp.reshape(dW, (n, d * d, d)),
+                          xp.reshape(dU, (n, d * d_x, d)), S], axis=1)   # (n, d_θ, d)
+
+    # ------------------------------------------------------------ vector forms
+    def vjp_h(self, h, x, v, s=None):
+        """∂F/∂h · v per sample (paper's layout) = vᵀ J_h = (v ⊙ s) W   # (n, d)"""
+        s = self.sigma_prime(h, x) if s is None else s
+        return (v * s) @ self.W
+
+    def vjp_x(self, h, x, v, s=None):
+        """∂F/∂x · v per sample (paper's layout) = (v ⊙ s) U   # (n, d_x)"""
+        s = self.sigma_prime(h, x) if s is None else s
+        return (v * s) @ self.U
+
+    def vjp_theta(self, h, x, v, s=None) -> dict:
+        """Σ over the batch of ∂F/∂θ · v, as ``{"W": (d, d), "U": (d, d_x), "b": (d,)}``.
+
+        With r = v ⊙ s (n, d): grad_W = rᵀ h, grad_U = rᵀ x, grad_b = Σ_rows r.
+        """
+        s = self.sigma_prime(h, x) if s is None else s
+        r = v * s                                                     # (n, d)
+        return {"W": r.T @ h, "U": r.T @ x, "b": self.xp.sum(r, axis=0)}
+
+    def jvp_h(self, h, x, u, s=None):
+        """J_h u per sample (standard layout) = s ⊙ (u Wᵀ)   # (n, d)"""
+        s = self.sigma_prime(h, x) if s is None else s
+        return s * (u @ self.W.T)

@@ -1,0 +1,32 @@
+"""Forward solvers for h* = F(h*, x): one result type, one entry point by name."""
+from __future__ import annotations
+
+import inspect
+
+from .anderson import anderson
+from .broyden import DenseInverse, LowRankInverse, broyden
+from .fixed_point import fixed_point
+from .result import STOP_REASONS, ConvergenceWarning, SolverResult
+
+SOLVERS = {"fixed_point": fixed_point, "broyden": broyden, "anderson": anderson}
+
+
+def solver_options(method: str) -> tuple:
+    """The option names ``method`` accepts."""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r}; valid solvers: {sorted(SOLVERS)}")
+    params = inspect.signature(SOLVERS[method]).parameters
+    return tuple(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def solve(layer, x, h0=None, method: str = "fixed_point", **options) -> SolverResult:
+    """Run the solver ``method`` with validated ``options`` (unknown names raise)."""
+    valid = solver_options(method)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for solver {method!r}; valid: {list(valid)}")
+    return SOLVERS[method](layer, x, h0, **options)
+
+
+__all__ = ["SOLVERS", "STOP_REASONS", "ConvergenceWarning", "DenseInverse", "LowRankInverse",
+           "SolverResult", "anderson", "broyden", "fixed_point", "solve", "solver_options"]

@@ -1,0 +1,158 @@
+"""Broyden's method on g(h) = F(h) − h with the Sherman–Morrison inverse update.
+
+Per sample, starting from B_0⁻¹ = −I (the inverse Jacobian of g when F ≡ const):
+
+    h_{t+1} = h_t − B_t⁻¹ g(h_t)                                   (GDEQ [2], Sec. 3.1)
+    B_{t+1}⁻¹ = B_t⁻¹ + (Δh − B_t⁻¹Δg) Δhᵀ B_t⁻¹ / (Δhᵀ B_t⁻¹ Δg)   ("good" Broyden [3])
+
+with Δh = h_{t+1} − h_t, Δg = g_{t+1} − g_t. For the full step Δh = −B_t⁻¹ g_t the
+numerator's Δh − B_t⁻¹Δg equals −B_t⁻¹ g_{t+1}, which is the form printed in [2].
+The update enforces the secant condition B_{t+1}⁻¹ Δg = Δh.
+
+B_t estimates the standard-layout Jacobian of g, J_h − I, so B_T⁻¹ ≈ −(I − J_h)⁻¹.
+
+Two storage forms give the same iterates:
+- ``"dense"``: B⁻¹ as an (n, d, d) array, updated in place (for teaching);
+- ``"lowrank"``: B⁻¹ = −I + Σ_i u_i v_iᵀ keeping the last ``m`` pairs (limited memory).
+
+References
+----------
+[2] Nguyen and Mauch, Efficient Training of Deep Equilibrium Models (GDEQ).
+[3] Broyden, A class of methods for solving nonlinear simultaneous equations, 1965.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import eps, to_numpy
+from .common import prepare
+from .result import check_memory
+
+FORMS = ("lowrank", "dense")
+
+
+class DenseInverse:
+    """B⁻¹ stored as a dense (n, d, d) array per sample."""
+
+    def __init__(self, xp, n, d, dtype):
+        self.xp = xp
+        self.B_inv = -xp.broadcast_to(xp.eye(d, dtype=dtype), (n, d, d))   # (n, d, d)
+        self.B_inv = xp.asarray(self.B_inv, copy=True)
+        self.n_updates = np.zeros(n, dtype=np.int64)
+
+    def matvec(self, v):
+        """B⁻¹ v per sample   # (n, d)"""
+        return (self.B_inv @ v[:, :, None])[:, :, 0]
+
+    def rmatvec(self, v):
+        """B⁻ᵀ v per sample   # (n, d)"""
+        return (self.xp.permute_dims(self.B_inv, (0, 2, 1)) @ v[:, :, None])[:, :, 0]
+
+    def add(self, u, v, mask):
+        """B⁻¹ += u vᵀ for the samples in ``mask`` (backend bool (n,))."""
+        self.B_inv = self.B_inv + self.xp.where(mask[:, None, None], u[:, :, None] * v[:, None, :], 0.0)
+
+    def dense(self):
+        return self.B_inv
+
+
+class LowRankInverse:
+    """B⁻¹ = −I + Σ_i u_i v_iᵀ with at most ``m`` pairs per sample (oldest dropped first)."""
+
+    def __init__(self, xp, n, d, dtype, m):
+        self.xp, self.m = xp, m
+        self.Us = xp.zeros((n, m, d), dtype=dtype)       # (n, m, d)  u_i as rows
+        self.Vs = xp.zeros((n, m, d), dtype=dtype)       # (n, m, d)  v_i as rows
+        self.n_updates = np.zeros(n, dtype=np.int64)
+
+    def matvec(self, w):
+        """B⁻¹ w = −w + Σ_i u_i (v_iᵀ w)   # (n, d)"""
+        c = (self.Vs @ w[:, :, None])[:, :, 0]           # (n, m)  v_iᵀ w
+        return -w + (c[:, None, :] @ self.Us)[:, 0, :]
+
+    def rmatvec(self, w):
+        """B⁻ᵀ w = −w + Σ_i v_i (u_iᵀ w)   # (n, d)"""
+        c = (self.Us @ w[:, :, None])[:, :, 0]           # (n, m)  u_iᵀ w
+        return -w + (c[:, None, :] @ self.Vs)[:, 0, :]
+
+    def add(self, u, v, mask, slot):
+        """Write (u, v) into each masked sample's circular slot ``slot`` (host int (n,))."""
+        xp = self.xp
+        hit = (xp.arange(self.m)[None, :] == slot[:, None]) & mask[:, None]   # (n, m)
+        self.Us = xp.where(hit[:, :, None], u[:, None, :], self.Us)
+        self.Vs = xp.where(hit[:, :, None], v[:, None, :], self.Vs)
+
+    def dense(self):
+        """−I + Σ_i u_i v_iᵀ as an (n, d, d) array (small d only)."""
+        xp = self.xp
+        d = self.Us.shape[2]
+        return -xp.eye(d, dtype=self.Us.dtype) + xp.permute_dims(self.Us, (0, 2, 1)) @ self.Vs
+
+
+def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float = 1e-5,
+            atol: float = 0.0, max_iter: int = 100, norm: str = "2", stall_iter: int | None = 30,
+            divergence_factor: float = 1e8, skip_tol: float | None = None,
+            return_trajectory: bool = False, warn: bool = True):
+    """Solve h = F(h, x) by Broyden's method on g(h) = F(h) − h, per sample.
+
+    Parameters
+    ----------
+    form : "lowrank" (limited memory, keeps the last ``m`` updates) or "dense"
+    m : memory of the low-rank form (ignored by "dense", which keeps every update)
+    skip_tol : an update is skipped (and counted in ``n_skipped``) when
+        |Δhᵀ B⁻¹ Δg| ≤ skip_tol · ‖Δh‖ ‖B⁻¹ Δg‖; default √eps of the dtype
+    Other options as in ``fixed_point``.
+
+    Returns
+    -------
+    SolverResult with ``B_inv`` the estimate belonging to the returned iterate
+    (an object with ``matvec``, ``rmatvec`` and ``dense()``) and ``n_skipped``.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    m = check_memory(m)
+    xp, h, mon, opts = prepare(layer, x, h0, f"broyden_{form}", tol=tol, atol=atol,
+                               max_iter=max_iter, norm=norm, stall_iter=stall_iter,
+                               divergence_factor=divergence_factor, warn=warn)
+    skip_tol = float(np.sqrt(eps(x))) if skip_tol is None else skip_tol
+    if not (np.isfinite(skip_tol) and skip_tol >= 0):
+        raise ValueError(f"skip_tol must be a finite number >= 0, got {skip_tol!r}")
+    opts.update(form=form, m=m, skip_tol=skip_tol)
+    be, (n, d) = layer.backend, h.shape
+    B = DenseInverse(xp, n, d, h.dtype) if form == "dense" else LowRankInverse(xp, n, d, h.dtype, m)
+    n_skipped = np.zeros(n, dtype=np.int64)
+
+    g = layer(h, x) - h                                       # g(h_0)   (n, d)
+    active = mon.record(h, g + h)
+    n_F, traj = 1, ([h] if return_trajectory else None)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        act = be.from_host(active)
+        h_new = xp.where(act[:, None], h - B.matvec(g), h)   # h_{t+1} = h_t − B_t⁻¹ g_t
+        g_new = layer(h_new, x) - h_new
+        n_F += 1
+        was_active = active
+        active = mon.record(h_new, g_new + h_new)
+        dh, dg = h_new - h, g_new - g                          # (n, d)
+        B_dg = B.matvec(dg)                                    # B_t⁻¹ Δg
+        dhT_B = B.rmatvec(dh)                                  # (Δhᵀ B_t⁻¹)ᵀ = B_t⁻ᵀ Δh
+        den = xp.sum(dh * B_dg, axis=1)                        # Δhᵀ B_t⁻¹ Δg   (n,)
+        scale = xp.linalg.vector_norm(dh, axis=1) * xp.linalg.vector_norm(B_dg, axis=1)
+        ok = to_numpy(xp.abs(den) > skip_tol * scale)          # (n,) safe to divide by
+        step = was_active & ~mon.newly_bad                     # a diverged step is undone
+        n_skipped += step & ~ok
+        upd = step & ok
+        u = (dh - B_dg) / xp.where(be.from_host(ok), den, 1.0)[:, None]   # (n, d)
+        # Sherman–Morrison: B_{t+1}⁻¹ = B_t⁻¹ + u (B_t⁻ᵀ Δh)ᵀ
+        if form == "dense":
+            B.add(u, dhT_B, be.from_host(upd))
+        else:
+            B.add(u, dhT_B, be.from_host(upd), be.from_host(B.n_updates % m))
+        B.n_updates += upd
+        bad = be.from_host(mon.newly_bad)[:, None]             # keep the last finite iterate
+        h = xp.where(bad, h, h_new)
+        g = xp.where(bad, g, g_new)
+        if traj is not None:
+            traj.append(h)
+    return mon.finish(h, n_F=n_F, options=opts, trajectory=traj, B_inv=B, n_skipped=n_skipped)

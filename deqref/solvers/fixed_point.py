@@ -1,0 +1,59 @@
+"""Fixed-point iteration, plain (Eq. 10 of [1]) and damped (Eq. 13 of [1]).
+
+    h_{t+1} = λ F(h_t, x) + (1 − λ) h_t,   λ ∈ (0, 1]   (λ = 1: Eq. 10)
+
+Each sample stops on its own; a stopped sample's row is frozen.
+
+References
+----------
+[1] Geng et al., On Training Implicit Models, NeurIPS 2021.
+"""
+from __future__ import annotations
+
+from .common import prepare
+from .result import check_lam
+
+
+def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol: float = 0.0,
+                max_iter: int = 100, norm: str = "2", stall_iter: int | None = None,
+                divergence_factor: float = 1e8, return_trajectory: bool = False,
+                warn: bool = True):
+    """Solve h = F(h, x) by (damped) fixed-point iteration.
+
+    Parameters
+    ----------
+    layer : callable F(h, x) -> (n, d), e.g. ``deqref.layers.Layer``
+    x : (n, d_x) array;  h0 : (n, d) array or None (zeros)
+    lam : damping λ ∈ (0, 1] of Eq. (13); 1 gives plain iteration, Eq. (10)
+    tol, atol : stop a sample when r_rel ≤ tol or r_abs ≤ atol (see ``result``)
+    max_iter : at most this many updates;  norm : "2" or "inf"
+    stall_iter : stop a sample as "stagnated" after this many updates without a new
+        lowest residual (None: never)
+    divergence_factor : "diverged" once r_abs > factor · max(r_abs(h0), 1) or not finite
+
+    Returns
+    -------
+    SolverResult
+    """
+    lam = check_lam(lam)
+    xp, h, mon, opts = prepare(layer, x, h0, "fixed_point" if lam == 1 else "damped_fixed_point",
+                               tol=tol, atol=atol, max_iter=max_iter, norm=norm,
+                               stall_iter=stall_iter, divergence_factor=divergence_factor, warn=warn)
+    opts["lam"] = lam
+    be = layer.backend
+    Fh = layer(h, x)                                         # (n, d)
+    active = mon.record(h, Fh)
+    n_F, traj = 1, ([h] if return_trajectory else None)
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        h_new = lam * Fh + (1.0 - lam) * h                   # Eq. (13)   (n, d)
+        h_new = xp.where(be.from_host(active)[:, None], h_new, h)
+        F_new = layer(h_new, x)
+        n_F += 1
+        active = mon.record(h_new, F_new)
+        bad = be.from_host(mon.newly_bad)[:, None]             # keep the last finite iterate
+        h, Fh = xp.where(bad, h, h_new), xp.where(bad, Fh, F_new)
+        if traj is not None:
+            traj.append(h)
+    return mon.finish(h, n_F=n_F, options=opts, trajectory=traj)

@@ -1,0 +1,85 @@
+"""The backend switch: a non-NumPy namespace runs the core, mixing raises, CuPy says why."""
+import numpy as np
+import pytest
+
+from deqref import backend as B
+from deqref.gradients import implicit_dense
+from deqref.layers import Layer
+from deqref.solvers import solve
+from helpers import assert_close
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity", "softplus"])
+@pytest.mark.parametrize("method", ["fixed_point", "broyden", "anderson"])
+def test_core_runs_through_strict_namespace(activation, method):
+    """Every array op in layers, solvers and the oracle must go through ``xp``:
+    array_api_strict rejects NumPy calls, implicit conversions and mixed dtypes."""
+    strict = B.set_backend("strict")
+    try:
+        layer = Layer.random(6, 3, activation, seed=0)
+        assert type(layer.W).__module__.startswith("array_api_strict")
+        x = B.rng_normal(1, (2, 3))
+        res = solve(layer, x, method=method, tol=1e-12, max_iter=200)
+        g = B.rng_normal(2, (2, 6))
+        est = implicit_dense(layer, x, res.h, g)
+        est_m = implicit_dense(layer, x, res.h, g, matrix=True)
+        for m in (layer.dF_dh, layer.dF_dx, layer.dF_dtheta, layer.jacobian_h):
+            m(res.h, x)
+        layer.vjp_h(res.h, x, g), layer.jvp_h(res.h, x, g)
+    finally:
+        B.set_backend("numpy")
+    # the same seeds on NumPy give the same numbers
+    layer_np = Layer.random(6, 3, activation, seed=0)
+    x_np = B.rng_normal(1, (2, 3))
+    res_np = solve(layer_np, x_np, method=method, tol=1e-12, max_iter=200)
+    est_np = implicit_dense(layer_np, x_np, res_np.h, B.rng_normal(2, (2, 6)))
+    assert_close(B.to_numpy(res.h), res_np.h, 1e-13, "h* strict vs numpy")
+    assert_close(B.to_numpy(est.theta), est_np.theta, 1e-12, "grad strict vs numpy")
+    assert_close(B.to_numpy(est_m.theta), est_np.theta, 1e-12, "matrix grad strict vs numpy")
+
+
+def test_mixing_backends_raises():
+    layer = Layer.random(4, 2, seed=0, backend=B._load("numpy"))
+    x_strict = B._load("strict").asarray(np.ones((1, 2)))
+    with pytest.raises(TypeError, match="x is a strict array but W is a numpy array"):
+        solve(layer, x_strict)
+
+
+def test_mixing_dtypes_raises():
+    layer = Layer.random(4, 2, seed=0)
+    with pytest.raises(TypeError, match="x has dtype float32 but W has dtype float64"):
+        solve(layer, np.ones((1, 2), dtype=np.float32))
+    with pytest.raises(TypeError, match="U has dtype float32"):
+        Layer(np.eye(2), np.ones((2, 2), dtype=np.float32), np.zeros(2))
+    with pytest.raises(TypeError, match="x must have dtype float64 or float32, got int64"):
+        solve(layer, np.ones((1, 2), dtype=np.int64))
+
+
+def test_unknown_backend_and_cupy_error_message(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        B.set_backend("jax")
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+        pytest.skip("CuPy and a GPU are present here: the error path cannot be exercised")
+    except Exception:
+        pass
+    with pytest.raises(B.BackendError, match="backend 'cupy' cannot run here"):
+        B.set_backend("cupy")
+    assert B.get_backend().name in B.BACKENDS
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("DEQREF_BACKEND", "strict")
+    monkeypatch.setattr(B, "_current", None)
+    assert B.get_backend().name == "strict"
+    monkeypatch.setattr(B, "_current", None)
+    monkeypatch.setenv("DEQREF_BACKEND", "numpy")
+    assert B.get_backend().name == "numpy"
+
+
+def test_use_backend_restores():
+    before = B.get_backend()
+    with B.use_backend("strict") as be:
+        assert B.get_backend() is be
+    assert B.get_backend() is before
