@@ -83,3 +83,28 @@ def test_use_backend_restores():
     with B.use_backend("strict") as be:
         assert B.get_backend() is be
     assert B.get_backend() is before
+
+
+ESTIMATOR_CASES = [("implicit_dense", {}), ("implicit", {"method": "broyden"}),
+                   ("implicit", {"method": "fixed_point", "n_iter": 5}), ("upg", {"k": 3}),
+                   ("npg", {"k": 3}), ("jfb", {}), ("gdeq", {}), ("gdeq", {"fallback_factor": 0.5})]
+
+
+@pytest.mark.parametrize("form", ["vector", "matrix"])
+def test_estimators_run_through_strict_namespace(form):
+    from deqref.gradients import estimate
+
+    def run():
+        layer = Layer.random(5, 2, "tanh", seed=0)
+        x, g = B.rng_normal(1, (2, 2)), B.rng_normal(2, (2, 5))
+        res = solve(layer, x, method="broyden", tol=1e-12, form="dense")
+        out = [estimate(n, layer, x, res, g, form=form, **o).theta for n, o in ESTIMATOR_CASES
+               if not (form == "matrix" and "fallback_factor" in o)]
+        fp = solve(layer, x, method="fixed_point", lam=0.5, tol=1e-8, return_trajectory=True)
+        out.append(estimate("bptt", layer, x, fp, g, form=form).theta)
+        return [B.to_numpy(t) for t in out]
+    with B.use_backend("strict"):
+        strict = run()
+    numpy = run()
+    for a, b in zip(strict, numpy):
+        assert_close(a, b, 1e-12, "strict vs numpy")

@@ -3,6 +3,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+FORMS = ("vector", "matrix")
+
+
+def check_form(form: str) -> str:
+    """``"vector"`` (the algorithm, no matrices) or ``"matrix"`` (the printed formula)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    return form
+
+
+def check_k(k, name: str = "k") -> int:
+    """A step / term count k >= 1."""
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+    return int(k)
+
 
 @dataclass
 class Gradient:

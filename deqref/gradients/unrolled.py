@@ -1,0 +1,140 @@
+"""Differentiating through unrolled damped iterations: BPTT (Eq. 11, 14) and UPG (Eq. 17) of [1].
+
+Both apply the same matrix to the upstream gradient g, in the paper's layout:
+
+    A = λ Σ_{t=0}^{T−1} ∂F/∂θ|_{h_t} Π_{s=t+1}^{T−1} M_s,    M_s = λ ∂F/∂h|_{h_s} + (1 − λ) I
+
+where h_{t+1} = λ F(h_t) + (1 − λ) h_t and Π_{s=t+1}^{T−1} M_s = M_{t+1} M_{t+2} ⋯ M_{T−1}
+(in standard layout: the transpose of M_{T−1} ⋯ M_{t+1}). The same with ∂F/∂x gives ∂L/∂x.
+
+- **BPTT** (Eq. 11 for λ = 1, Eq. 14 damped): h_0 is the solver's initial guess and the
+  states are the forward solver's own iterates, T of them per sample.
+- **UPG** A^unr_{k,λ} (Eq. 17): h_0 = h* from the solver and k fresh damped steps; the loss is
+  taken at h_k, as in Algorithm 1 of [1] (``upg_output`` gives h_k).
+
+The vector form is reverse-mode through the steps: v = g; for t = T−1, …, 0:
+grad_θ += λ ∂F/∂θ|_{h_t} v, grad_x += λ ∂F/∂x|_{h_t} v, then v ← M_t v — one VJP per step.
+
+References
+----------
+[1] Geng et al., On Training Implicit Models, NeurIPS 2021.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import check_finite
+from ..solvers.result import check_lam
+from .base import Gradient, check_form, check_k, make_gradient
+
+
+def unroll(layer, x, h0, k: int, lam: float) -> list:
+    """States [h_0, …, h_k] of h_{t+1} = λ F(h_t, x) + (1 − λ) h_t (Eq. 13)   # k+1 × (n, d)"""
+    hs = [h0]
+    for _ in range(k):
+        hs.append(lam * layer(hs[-1], x) + (1.0 - lam) * hs[-1])
+    return hs
+
+
+def _reverse(layer, x, hs, grad_h, lam, steps):
+    """Vector form: reverse pass over states hs[0..T−1]; ``steps`` (n,) host ints say how
+    many of them each sample took (later steps are the identity for that sample)."""
+    xp, be = layer.xp, layer.backend
+    T = len(hs) - 1
+    v = grad_h                                                        # (n, d)
+    grads = {"W": 0.0, "U": 0.0, "b": 0.0}
+    grad_x = xp.zeros_like(x)
+    for t in range(T - 1, -1, -1):
+        live = be.from_host(steps > t)[:, None]                      # (n, 1) step t taken
+        vt = xp.where(live, v, 0.0)
+        s = layer.sigma_prime(hs[t], x)                               # σ' at h_t, reused 3×
+        g_t = layer.vjp_theta(hs[t], x, vt, s)
+        for key in grads:
+            grads[key] = grads[key] + lam * g_t[key]
+        grad_x = grad_x + lam * layer.vjp_x(hs[t], x, vt, s)
+        if t > 0:                                                     # v ← M_t v
+            v = xp.where(live, lam * layer.vjp_h(hs[t], x, v, s) + (1.0 - lam) * v, v)
+    return grads, grad_x
+
+
+def unrolled_matrices(layer, x, hs, lam, steps):
+    """Matrix form, literally Eq. (14)/(17): A (n, d_θ, d) and A_x (n, d_x, d) per sample."""
+    xp, be = layer.xp, layer.backend
+    n, d = hs[0].shape
+    T = len(hs) - 1
+    eye = xp.eye(d, dtype=hs[0].dtype)
+    P = xp.broadcast_to(eye, (n, d, d))                 # Π_{s=t+1}^{T−1} M_s, empty product = I
+    A = xp.zeros((n, layer.d_theta, d), dtype=hs[0].dtype)
+    A_x = xp.zeros((n, layer.d_x, d), dtype=hs[0].dtype)
+    for t in range(T - 1, -1, -1):
+        live = be.from_host(steps > t)[:, None, None]
+        A = A + xp.where(live, lam * (layer.dF_dtheta(hs[t], x) @ P), 0.0)
+        A_x = A_x + xp.where(live, lam * (layer.dF_dx(hs[t], x) @ P), 0.0)
+        if t > 0:
+            M_t = lam * layer.dF_dh(hs[t], x) + (1.0 - lam) * eye          # (n, d, d)
+            P = xp.where(live, M_t @ P, P)                                  # M_t M_{t+1} ⋯ M_{T−1}
+    return A, A_x
+
+
+def _apply(layer, A, A_x, grad_h):
+    xp = layer.xp
+    theta = xp.sum((A @ grad_h[:, :, None])[:, :, 0], axis=0)             # Σ_n A g   (d_θ,)
+    return layer.unflatten(theta), (A_x @ grad_h[:, :, None])[:, :, 0]    # (n, d_x)
+
+
+def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag):
+    if form == "matrix":
+        A, A_x = unrolled_matrices(layer, x, hs, lam, steps)
+        grads, grad_x = _apply(layer, A, A_x, grad_h)
+        diag.update(A=A, A_x=A_x, n_matmul=2 * len(hs) - 1)
+    else:
+        grads, grad_x = _reverse(layer, x, hs, grad_h, lam, steps)
+        diag.update(n_vjp=3 * (len(hs) - 1) - 1)
+    return make_gradient(layer, grads, grad_x, name, options, diag)
+
+
+def upg_output(layer, x, result, *, k: int = 5, lam: float = 0.5):
+    """h_k of Algorithm 1: k damped steps from h* — where UPG's loss is taken   # (n, d)"""
+    k, lam = check_k(k), check_lam(lam)
+    return unroll(layer, x, result.h, k, lam)[-1]
+
+
+def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "vector") -> Gradient:
+    """UPG A^unr_{k,λ} g, Eq. (17) of [1]; vector form = Algorithm 1.
+
+    h_0 = h* = ``result.h``; the Jacobians are evaluated at the unrolled states h_0 … h_{k−1}.
+    ``grad_h`` is ∂L/∂h taken at h_k (``upg_output``), as in Algorithm 1.
+    """
+    k, lam, form = check_k(k), check_lam(lam), check_form(form)
+    layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
+    check_finite("grad_h", grad_h)
+    hs = unroll(layer, x, result.h, k, lam)
+    steps = np.full(x.shape[0], k)
+    diag = {"n_F": k, "h_k": hs[-1]}
+    return _estimate(layer, x, hs, grad_h, lam, steps, form, "upg",
+                     {"k": k, "lam": lam, "form": form}, diag)
+
+
+def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
+    """Backpropagation through the forward solver's own iterations, Eq. (11) / (14) of [1].
+
+    ``result`` must come from ``fixed_point`` with ``return_trajectory=True``; λ is the
+    solver's damping. Sample i is differentiated through its own ``n_iter[i]`` steps
+    (after it stopped, its row was frozen: those steps are the identity map).
+    ``grad_h`` is ∂L/∂h at the returned iterate ``result.h``.
+    """
+    form = check_form(form)
+    if not result.solver.endswith("fixed_point"):
+        raise ValueError(f"result: bptt differentiates through fixed-point iterations; "
+                         f"got a result of solver {result.solver!r}")
+    if result.trajectory is None:
+        raise ValueError("result: bptt needs the iterates; solve with return_trajectory=True")
+    if "diverged" in result.stop_reason:
+        raise ValueError("result: some samples diverged; their iterates cannot be differentiated")
+    layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
+    check_finite("grad_h", grad_h)
+    lam = result.options["lam"]
+    steps = np.asarray(result.n_iter)
+    diag = {"T": steps.copy(), "rel_residual": [r[-1] for r in result.rel_residual]}
+    return _estimate(layer, x, result.trajectory, grad_h, lam, steps, form, "bptt",
+                     {"form": form}, diag)
