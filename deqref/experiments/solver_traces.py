@@ -17,9 +17,11 @@ def label(method, opts):
     return method + "".join(f" {k}={v}" for k, v in opts.items())
 
 
-def run(out: Path, seed: int = 0, quick: bool = False, tol: float = 1e-10) -> dict:
-    """Solve the synthetic setting with every solver to relative residual ``tol``."""
-    layer, x, _ = synthetic(seed, n=8 if quick else 32)
+def run(out: Path, seed: int = 0, mode: str = "default", tol: float = 1e-10) -> dict:
+    """Solve the synthetic setting with every solver to relative residual ``tol``.
+
+    ``mode`` is "quick" (8 samples), "default" or "full" (32 samples)."""
+    layer, x, _ = synthetic(seed, n=8 if mode == "quick" else 32)
     rows, traces = [], {}
     for method, opts in CONFIGS:
         res = solve(layer, x, method=method, tol=tol, max_iter=500, **opts)
