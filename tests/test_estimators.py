@@ -228,7 +228,7 @@ def test_synthetic_setting_bptt_vs_broyden_implicit(be):
     """[1], Sec. 3: L_h = 0.9, fixed-point iteration to relative error < 1e-5 (≤ 100 steps);
     BPTT through those steps and implicit differentiation by 20 Broyden iterations agree with
     cosine > 0.9999. deqref's dimensions: d = 64, d_x = 16, tanh, 32 samples."""
-    from deqref.experiments.synthetic import synthetic
+    from deqref.data import synthetic
     layer, x, g = synthetic(0)
     res = solve(layer, x, method="fixed_point", tol=1e-5, max_iter=100, return_trajectory=True)
     assert res.all_converged

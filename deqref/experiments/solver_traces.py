@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..solvers import solve
-from .synthetic import D, L_H, synthetic
+from ..data import SYNTH_D as D, SYNTH_L_H as L_H, synthetic
 
 CONFIGS = [("fixed_point", {}), ("fixed_point", {"lam": 0.5}), ("anderson", {"m": 5}),
            ("broyden", {"form": "lowrank", "m": 30}), ("broyden", {"form": "dense"})]

@@ -1,0 +1,105 @@
+"""The data sets of the experiments, all generated or shipped locally and seeded.
+
+- ``synthetic``: the synthetic setting of Geng et al. (Sec. 3): one layer with ‖W‖₂ = L_h = 0.9.
+  deqref's dimensions: d = 64, d_x = 16, tanh, x ~ N(0, I), upstream g ~ N(0, I).
+- ``heat_transfer``: the regression of Raitz (JFB report): target
+  tanh(x/(1 + e^{−y}) + y/(1 + x² + z²)) at 3,000 points drawn uniformly in a
+  20 × 13 × 8 room, a seeded 80/20 split; its metric is accuracy = |error| < 0.1.
+- ``digits``: the 8 × 8 handwritten digits bundled with scikit-learn (1,797 images,
+  10 classes; no download), pixels scaled to [0, 1], a seeded 80/20 split — deqref's
+  teaching-scale stand-in for the papers' CIFAR-10 and ImageNet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import Backend, get_backend
+from .layers import Layer
+
+SYNTH_D, SYNTH_D_X, SYNTH_N, SYNTH_L_H = 64, 16, 32, 0.9
+ROOM = (20.0, 13.0, 8.0)
+
+
+@dataclass
+class Dataset:
+    """Train/validation arrays on the backend. ``y`` is (n, 1) floats for regression and
+    (n,) integer labels for classification."""
+
+    name: str
+    task: str              # "regression" or "classification"
+    x_train: object
+    y_train: object
+    x_val: object
+    y_val: object
+    n_outputs: int         # q: 1 for regression, number of classes otherwise
+    info: dict
+
+    @property
+    def d_x(self) -> int:
+        return self.x_train.shape[1]
+
+
+def synthetic(seed: int = 0, *, d: int = SYNTH_D, d_x: int = SYNTH_D_X, n: int = SYNTH_N,
+              L_h: float = SYNTH_L_H, activation: str = "tanh", dtype: str = "float64",
+              backend: Backend | None = None):
+    """(layer, x, g): a seeded layer with ‖W‖₂ = L_h, inputs x (n, d_x), upstream g (n, d)."""
+    be = backend or get_backend()
+    layer = Layer.random(d, d_x, activation, seed=seed, L_h=L_h, dtype=dtype, backend=be)
+    rng = np.random.default_rng(seed + 1)
+    x = be.asarray(rng.standard_normal((n, d_x)), dtype)
+    g = be.asarray(rng.standard_normal((n, d)), dtype)
+    return layer, x, g
+
+
+def _split(x, y, seed, val_fraction, shuffle_seed_offset=1000):
+    n = x.shape[0]
+    perm = np.random.default_rng(seed + shuffle_seed_offset).permutation(n)
+    n_val = int(round(val_fraction * n))
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+
+def heat_transfer_target(p: np.ndarray) -> np.ndarray:
+    """tanh(x/(1 + e^{−y}) + y/(1 + x² + z²)) for points p (n, 3) = (x, y, z)   # (n,)"""
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    return np.tanh(x / (1.0 + np.exp(-y)) + y / (1.0 + x ** 2 + z ** 2))
+
+
+def heat_transfer(seed: int = 0, *, n: int = 3000, val_fraction: float = 0.2,
+                  standardize: bool = False, dtype: str = "float64",
+                  backend: Backend | None = None) -> Dataset:
+    """The heat-transfer regression of the JFB report: 3,000 points, seeded 80/20 split.
+
+    Inputs are the raw room coordinates, as in the report (which mentions no scaling);
+    ``standardize=True`` centres and scales them with the training split's statistics.
+    """
+    be = backend or get_backend()
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.0, 1.0, size=(n, 3)) * np.array(ROOM)             # (n, 3)
+    t = heat_transfer_target(p)[:, None]                                # (n, 1)
+    xtr, ytr, xva, yva = _split(p, t, seed, val_fraction)
+    if standardize:
+        mu, sd = xtr.mean(axis=0), xtr.std(axis=0)
+        xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
+    return Dataset("heat_transfer", "regression", be.asarray(xtr, dtype), be.asarray(ytr, dtype),
+                   be.asarray(xva, dtype), be.asarray(yva, dtype), 1,
+                   {"n": n, "room": ROOM, "val_fraction": val_fraction, "standardize": standardize,
+                    "seed": seed, "metric": "accuracy = |error| < 0.1"})
+
+
+def digits(seed: int = 0, *, val_fraction: float = 0.2, dtype: str = "float64",
+           backend: Backend | None = None) -> Dataset:
+    """scikit-learn's bundled 8 × 8 digits: x (n, 64) in [0, 1], labels 0–9, seeded split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError("the digits data set needs scikit-learn (pip install scikit-learn)") from err
+    be = backend or get_backend()
+    bunch = load_digits()
+    x = bunch.data.astype(np.float64) / 16.0                           # (1797, 64)
+    y = bunch.target.astype(np.int64)                                   # (1797,)
+    xtr, ytr, xva, yva = _split(x, y, seed, val_fraction)
+    return Dataset("digits", "classification", be.asarray(xtr, dtype), be.from_host(ytr),
+                   be.asarray(xva, dtype), be.from_host(yva), 10,
+                   {"n": len(y), "val_fraction": val_fraction, "seed": seed, "metric": "accuracy"})

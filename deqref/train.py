@@ -1,0 +1,299 @@
+"""Training a DEQ: model, optimizers written out, and the training loop.
+
+The model is ŷ = G(h*), h* = F(h*, x) with F(h, x) = σ(W h + U x + b) (the input is
+injected through U x + b at every iteration) and the linear head G(h) = h Vᵀ + c. One step:
+
+    forward:  h* = solve(F, x)                    any forward solver, by name
+              h_out = output(estimator)           h* (h_k for UPG, Algorithm 1 of Geng et al.)
+              L, ∂L/∂ŷ = loss(G(h_out), y)
+    backward: ∂L/∂h, ∂L/∂V, ∂L/∂c = G's backward
+              ∂L/∂θ ≈ estimate(estimator, ∂L/∂h)  any gradient estimator, by name
+    update:   θ ← optimizer(θ, ∂L/∂θ)
+
+Everything random is seeded by ``TrainConfig.seed``: the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_backend, namespace, to_numpy
+from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
+from .heads import LinearHead, cross_entropy, mse
+from .layers import Layer
+from .solvers import SOLVERS, solve, solver_options
+from .theory import cosine
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+# ---------------------------------------------------------------- the model
+class DEQModel:
+    """An implicit layer and a linear head. Parameters: W, U, b (layer) and V, c (head)."""
+
+    def __init__(self, layer: Layer, head: LinearHead):
+        if head.d != layer.d:
+            raise ValueError(f"head: expects d = {head.d} inputs but the layer has d = {layer.d}")
+        self.layer, self.head = layer, head
+
+    @classmethod
+    def random(cls, d: int, d_x: int, q: int, activation: str = "tanh", *, seed: int,
+               L_h: float = 0.9, dtype: str = "float64", backend=None) -> "DEQModel":
+        be = backend or get_backend()
+        return cls(Layer.random(d, d_x, activation, seed=seed, L_h=L_h, dtype=dtype, backend=be),
+                   LinearHead.random(d, q, seed=seed + 7919, dtype=dtype, backend=be))
+
+    def params(self) -> dict:
+        return {"W": self.layer.W, "U": self.layer.U, "b": self.layer.b,
+                "V": self.head.V, "c": self.head.c}
+
+    def set_params(self, p: dict) -> None:
+        self.layer = Layer(p["W"], p["U"], p["b"], self.layer.activation)
+        self.head = LinearHead(p["V"], p["c"])
+
+    def save(self, path) -> None:
+        """npz with W, U, b, V, c and the activation as a string array (no pickle)."""
+        arrays = {k: to_numpy(v) for k, v in self.params().items()}
+        np.savez(path, activation=np.array(self.layer.activation), **arrays)
+
+    @classmethod
+    def load(cls, path, *, dtype: str | None = None, backend=None) -> "DEQModel":
+        """Load what ``save`` wrote, bit for bit, with ``allow_pickle=False``."""
+        be = backend or get_backend()
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("activation", "W", "U", "b", "V", "c") if k not in f]
+            if missing:
+                raise KeyError(f"{path}: missing key(s) {missing}")
+            dt = dtype or str(f["W"].dtype)
+            p = {k: be.asarray(f[k], dt) for k in ("W", "U", "b", "V", "c")}
+            activation = str(f["activation"])
+        return cls(Layer(p["W"], p["U"], p["b"], activation), LinearHead(p["V"], p["c"]))
+
+
+# ---------------------------------------------------------------- optimizers
+class SGD:
+    """θ ← θ − lr · v,  v ← μ v + ∇ (μ = momentum; μ = 0 is plain gradient descent)."""
+
+    def __init__(self, lr: float = 1e-2, momentum: float = 0.0):
+        if not (lr > 0):
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if not (0 <= momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+        self.lr, self.momentum, self.v = lr, momentum, {}
+
+    def step(self, params: dict, grads: dict) -> dict:
+        out = {}
+        for k, g in grads.items():
+            v = self.momentum * self.v[k] + g if (self.momentum and k in self.v) else g
+            self.v[k] = v
+            out[k] = params[k] - self.lr * v
+        return out
+
+
+class Adam:
+    """Adam (Kingma and Ba, 2015), bias-corrected:
+    m ← β₁m + (1 − β₁)∇,  v ← β₂v + (1 − β₂)∇²,  θ ← θ − lr · m̂ / (√v̂ + ε)."""
+
+    def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+        if not (lr > 0):
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        for name, b in (("beta1", beta1), ("beta2", beta2)):
+            if not (0 <= b < 1):
+                raise ValueError(f"{name} must lie in [0, 1), got {b!r}")
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m, self.v, self.t = {}, {}, 0
+
+    def step(self, params: dict, grads: dict) -> dict:
+        self.t += 1
+        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        out = {}
+        for k, g in grads.items():
+            m = self.beta1 * self.m[k] + (1 - self.beta1) * g if k in self.m else (1 - self.beta1) * g
+            v = self.beta2 * self.v[k] + (1 - self.beta2) * g * g if k in self.v else (1 - self.beta2) * g * g
+            self.m[k], self.v[k] = m, v
+            out[k] = params[k] - self.lr * (m / c1) / ((v / c2) ** 0.5 + self.eps)
+        return out
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``batch_size=None`` is full batch."""
+
+    estimator: str = "implicit"
+    estimator_options: dict = field(default_factory=dict)
+    solver: str = "broyden"
+    solver_options: dict = field(default_factory=lambda: {"tol": 1e-5, "max_iter": 50})
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    epochs: int = 10
+    batch_size: int | None = 64
+    seed: int = 0
+    spectral_norm: float | None = None    # project ‖W‖₂ ≤ this after every update (None: off)
+    track_cosine: bool = False            # cos(estimator's ∂L/∂θ, exact) at every step
+    probes: dict = field(default_factory=dict)   # {name: options}: cos(probe, exact) per step
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator: unknown {self.estimator!r}; valid: {sorted(ESTIMATORS)}")
+        for name, opts in [(self.estimator, self.estimator_options), *self.probes.items()]:
+            if name not in ESTIMATORS:
+                raise ValueError(f"probes: unknown estimator {name!r}; valid: {sorted(ESTIMATORS)}")
+            bad = sorted(set(opts) - set(estimator_options(name)))
+            if bad:
+                raise TypeError(f"estimator_options: unknown option(s) {bad} for {name!r}; "
+                                f"valid: {list(estimator_options(name))}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver: unknown {self.solver!r}; valid: {sorted(SOLVERS)}")
+        valid = [o for o in solver_options(self.solver) if o != "warn"]   # the trainer sets warn
+        bad = sorted(set(self.solver_options) - set(valid))
+        if bad:
+            raise TypeError(f"solver_options: unknown option(s) {bad} for {self.solver!r}; valid: {valid}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ValueError(f"batch_size must be None (full batch) or an integer >= 1, got {self.batch_size!r}")
+        if self.spectral_norm is not None and not (self.spectral_norm > 0):
+            raise ValueError(f"spectral_norm must be None or > 0, got {self.spectral_norm!r}")
+
+
+# ---------------------------------------------------------------- the loop
+class _Progress:
+    """A one-line progress bar on stderr, shown only on a terminal after 2 s."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.t0 = total, time.perf_counter()
+        self.on = not quiet and sys.stderr.isatty()
+
+    def update(self, i: int, text: str) -> None:
+        if self.on and time.perf_counter() - self.t0 > 2.0:
+            done = int(30 * i / self.total)
+            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{self.total} {text}   ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on and time.perf_counter() - self.t0 > 2.0:
+            sys.stderr.write("\n")
+
+
+def _loss(task, y_hat, y):
+    return mse(y_hat, y) if task == "regression" else cross_entropy(y_hat, y)
+
+
+def _metric(task, y_hat, y) -> float:
+    yh, yy = to_numpy(y_hat), to_numpy(y)
+    if task == "regression":
+        return float(np.mean(np.abs(yh - yy) < 0.1))                    # |error| < 0.1
+    return float(np.mean(np.argmax(yh, axis=1) == yy))
+
+
+def evaluate(model: DEQModel, x, y, task: str, cfg: TrainConfig) -> dict:
+    """Loss and metric of the model at h* on (x, y), solved as in training."""
+    res = solve(model.layer, x, method=cfg.solver, warn=False, **cfg.solver_options)
+    y_hat = model.head(res.h)
+    loss, _ = _loss(task, y_hat, y)
+    return {"loss": loss, "metric": _metric(task, y_hat, y), "iters": float(res.n_iter.mean()),
+            "converged": float(res.converged.mean())}
+
+
+def _project_spectral(W, bound):
+    """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound (the spectral normalization of the synthetic setting)."""
+    s = float(namespace(W=W).linalg.matrix_norm(W, ord=2))
+    return W * (bound / s) if s > bound else W
+
+
+def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
+    """Train ``model`` on ``data`` (a ``deqref.data.Dataset``) in place; return the history.
+
+    The history holds, per epoch: train_loss (sample-weighted mean over the epoch's
+    batches), train_metric, val_loss, val_metric, time_forward, time_backward, time_epoch
+    (forward + backward + update; evaluation and probes are not timed), forward_iters,
+    forward_converged; and per step (when asked) the cosines to the exact gradient.
+    """
+    cfg.validate()
+    task = data.task
+    n = data.x_train.shape[0]
+    bs = n if cfg.batch_size is None else min(cfg.batch_size, n)
+    n_batches = math.ceil(n / bs)
+    opt = Adam(cfg.lr) if cfg.optimizer == "adam" else SGD(cfg.lr, cfg.momentum)
+    rng = np.random.default_rng(cfg.seed + 104729)
+    be = get_backend()
+    hist = {k: [] for k in ("train_loss", "train_metric", "val_loss", "val_metric", "time_forward",
+                            "time_backward", "time_epoch", "forward_iters", "forward_converged",
+                            "cosine_mean")}
+    hist["step_cosine"] = []
+    hist["probe_cosine"] = {name: [] for name in cfg.probes}
+    hist["config"] = asdict(cfg)
+    bar = _Progress(cfg.epochs, cfg.quiet)
+    for epoch in range(cfg.epochs):
+        perm = be.from_host(rng.permutation(n)) if bs < n else None
+        t_fwd = t_bwd = t_upd = 0.0
+        loss_sum = metric_sum = iters = conv = 0.0
+        cos_epoch = []
+        for i in range(n_batches):
+            if perm is None:
+                xb, yb = data.x_train, data.y_train
+            else:
+                idx = perm[i * bs:(i + 1) * bs]
+                xb, yb = be.xp.take(data.x_train, idx, axis=0), be.xp.take(data.y_train, idx, axis=0)
+            m = xb.shape[0]
+            layer, head = model.layer, model.head
+            t0 = time.perf_counter()
+            res = solve(layer, xb, method=cfg.solver, warn=False, **cfg.solver_options)
+            h_out = output(cfg.estimator, layer, xb, res, **cfg.estimator_options)
+            y_hat = head(h_out)
+            loss, dy = _loss(task, y_hat, yb)
+            t1 = time.perf_counter()
+            dh, head_grads = head.backward(h_out, dy)
+            est = estimate(cfg.estimator, layer, xb, res, dh, **cfg.estimator_options)
+            t2 = time.perf_counter()
+            grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
+            new = opt.step(model.params(), grads)
+            if cfg.spectral_norm is not None:
+                new["W"] = _project_spectral(new["W"], cfg.spectral_norm)
+            t3 = time.perf_counter()
+            if cfg.track_cosine or cfg.probes:                    # not timed
+                dh_star, _ = head.backward(res.h, _loss(task, head(res.h), yb)[1])
+                exact = implicit_dense(layer, xb, res.h, dh_star).theta
+                if cfg.track_cosine:
+                    c = cosine(est.theta, exact)
+                    hist["step_cosine"].append(c)
+                    cos_epoch.append(c)
+                for name, opts in cfg.probes.items():
+                    probe = estimate(name, layer, xb, res, dh_star, **opts).theta
+                    hist["probe_cosine"][name].append(cosine(probe, exact))
+            model.set_params(new)
+            t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
+            loss_sum += loss * m
+            metric_sum += _metric(task, y_hat, yb) * m
+            iters += float(res.n_iter.mean()) * m
+            conv += float(res.converged.mean()) * m
+        val = evaluate(model, data.x_val, data.y_val, task, cfg)
+        for k, v in (("train_loss", loss_sum / n), ("train_metric", metric_sum / n),
+                     ("val_loss", val["loss"]), ("val_metric", val["metric"]),
+                     ("time_forward", t_fwd), ("time_backward", t_bwd),
+                     ("time_epoch", t_fwd + t_bwd + t_upd), ("forward_iters", iters / n),
+                     ("forward_converged", conv / n),
+                     ("cosine_mean", float(np.mean(cos_epoch)) if cos_epoch else None)):
+            hist[k].append(v)
+        if not all(np.isfinite([loss_sum, val["loss"]])):
+            raise FloatingPointError(f"training diverged at epoch {epoch}: loss is not finite "
+                                     f"(estimator {cfg.estimator!r}, lr {cfg.lr})")
+        bar.update(epoch + 1, f"loss {loss_sum / n:.4g} val {val['metric']:.3f}")
+    bar.close()
+    return hist
+
+
+def save_history(hist: dict, path) -> None:
+    """Write a history as JSON."""
+    Path(path).write_text(json.dumps(hist, indent=1))
