@@ -1,4 +1,33 @@
-"""Experiments: one module per figure or table; ``EXPERIMENTS`` maps names to them."""
-from . import solver_traces
+"""Experiments: one module per figure or table, each with ``run(out, seed, mode) -> dict``
+(writes PNG + JSON/CSV into ``out``) and ``summary(data) -> str``.
 
-EXPERIMENTS = {"solver_traces": solver_traces}
+``EXPERIMENTS`` maps names to modules in the order ``deqref reproduce`` runs them; a module
+is imported only when it is used.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+# name -> module under deqref.experiments (the paper figure it reproduces in the docstring)
+ORDER = ("solver_traces", "static_precision", "theorem1", "complexity", "dynamic_precision",
+         "gdeq_precision", "ablation", "accuracy_speed", "jfb_batch")
+
+
+class _Registry(Mapping):
+    def _names(self):
+        return [n for n in ORDER if importlib.util.find_spec(f"{__name__}.{n}") is not None]
+
+    def __getitem__(self, name):
+        if name not in self._names():
+            raise KeyError(name)
+        return importlib.import_module(f"{__name__}.{name}")
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self):
+        return len(self._names())
+
+
+EXPERIMENTS = _Registry()
