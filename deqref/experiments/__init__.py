@@ -7,6 +7,7 @@ is imported only when it is used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Mapping
 
 # name -> module under deqref.experiments (the paper figure it reproduces in the docstring)
