@@ -176,3 +176,19 @@ def test_anderson_never_fails_on_singular_system(be, arr):
         warnings.simplefilter("error")
         res = solve(layer, arr(np.ones((N, DX))), method="anderson", m=5, tol=1e-12)
     assert res.all_converged and np.all(np.isfinite(host(res.h)))
+
+
+def test_skipped_sherman_morrison_updates_are_counted(be, arr):
+    """|Δhᵀ B⁻¹ Δg| ≤ ‖Δh‖ ‖B⁻¹Δg‖ (Cauchy–Schwarz), so skip_tol > 1 skips every update:
+    B⁻¹ stays −I and Broyden's step h − B⁻¹g(h) = F(h) is plain fixed-point iteration."""
+    layer, x = problem(be, "tanh")
+    b = solve(layer, arr(x), method="broyden", skip_tol=1.5, tol=1e-10, return_trajectory=True)
+    f = solve(layer, arr(x), method="fixed_point", tol=1e-10, return_trajectory=True)
+    np.testing.assert_array_equal(b.n_skipped, b.n_iter)
+    np.testing.assert_array_equal(b.B_inv.n_updates, 0)
+    assert_close(host(b.B_inv.dense()), -np.broadcast_to(np.eye(D), (N, D, D)), 0, "B⁻¹ = −I")
+    assert len(b.trajectory) == len(f.trajectory)
+    for tb, tf in zip(b.trajectory, f.trajectory):
+        # h − (−I)(F(h) − h) vs F(h): the same number up to one rounding of the subtraction
+        assert_close(host(tb), host(tf), 1e-15, "iterates")
+    assert np.all(np.isfinite(host(b.h)))

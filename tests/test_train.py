@@ -44,6 +44,7 @@ def test_training_lowers_the_loss(estimator, opts):
 def test_track_cosine_is_one_for_the_exact_gradient_and_probes_record():
     _, h = run(0, estimator="implicit_dense", track_cosine=True, probes={"jfb": {}, "upg": {"k": 3}})
     assert np.allclose(h["step_cosine"], 1.0, atol=1e-12)       # the same gradient twice
+    assert np.allclose(h["step_epsilon"], 0.0, atol=1e-12)
     assert len(h["probe_cosine"]["jfb"]) == len(h["step_cosine"]) == 2 * 4
     assert all(-1 <= c <= 1 for c in h["probe_cosine"]["upg"])
 
