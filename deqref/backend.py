@@ -56,15 +56,27 @@ class Backend:
             return a
         return self.xp.asarray(a)
 
-    def solve(self, A, b):
-        """Dense solve of ``A y = b`` for one square matrix (d, d) and b (d,) or (d, r)."""
+    @property
+    def linalg(self) -> ModuleType:
+        """The dense linear algebra matching ``xp``: ``scipy.linalg`` for NumPy,
+        ``cupyx.scipy.linalg`` for CuPy, the namespace's own ``linalg`` otherwise."""
         if self.name == "numpy":
             import scipy.linalg
-            return scipy.linalg.solve(A, b)
+            return scipy.linalg
         if self.name == "cupy":
-            import cupyx.scipy.linalg  # noqa: F401  (the matching linalg)
-            import cupy
-            return cupy.linalg.solve(A, b)
+            import cupyx.scipy.linalg
+            return cupyx.scipy.linalg
+        return self.xp.linalg
+
+    def solve(self, A, b):
+        """Dense LU solve of ``A y = b`` for one square matrix A (d, d), b (d,) or (d, r)."""
+        if self.name == "numpy":
+            return self.linalg.solve(A, b)                 # scipy.linalg.solve (LAPACK gesv)
+        if self.name == "cupy":
+            y = self.linalg.lu_solve(self.linalg.lu_factor(A), b)   # cuSOLVER getrf / getrs
+            if not bool(self.xp.all(self.xp.isfinite(y))):        # CuPy gives NaN, not an error
+                raise np.linalg.LinAlgError("solve: the matrix is singular to working precision")
+            return y
         return self.xp.linalg.solve(A, b)
 
 
