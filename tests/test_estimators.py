@@ -256,3 +256,14 @@ def test_entry_point_validates(be):
         estimate("jfb", layer, x, res, g[:, :2])
     assert set(estimator_options("upg")) == {"k", "lam", "form"}
     assert set(ESTIMATORS) == {"implicit_dense", "implicit", "bptt", "upg", "npg", "jfb", "gdeq"}
+
+
+def test_upg_reuses_the_states_of_upg_output(be):
+    layer, x, g, res = setup(be, "tanh", tol=1e-6)
+    fresh = estimate("upg", layer, x, res, g, k=4, lam=0.5)
+    output("upg", layer, x, res, k=4, lam=0.5)
+    assert ("upg", 4, 0.5) in res.extra
+    cached = estimate("upg", layer, x, res, g, k=4, lam=0.5)
+    np.testing.assert_array_equal(host(cached.theta), host(fresh.theta))
+    other = Layer.random(D, DX, "tanh", seed=99, backend=be)      # another layer: no reuse
+    assert rel_err(estimate("upg", other, x, res, g, k=4, lam=0.5).theta, fresh.theta) > 1e-3

@@ -96,7 +96,10 @@ def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag):
 def upg_output(layer, x, result, *, k: int = 5, lam: float = 0.5):
     """h_k of Algorithm 1: k damped steps from h* — where UPG's loss is taken   # (n, d)"""
     k, lam = check_k(k), check_lam(lam)
-    return unroll(layer, x, result.h, k, lam)[-1]
+    hs = unroll(layer, x, result.h, k, lam)
+    # kept for ``upg`` on the same (layer, x, result): Algorithm 1 keeps this graph too
+    result.extra[("upg", k, lam)] = (layer, x, hs)
+    return hs[-1]
 
 
 def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "vector") -> Gradient:
@@ -108,7 +111,11 @@ def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "
     k, lam, form = check_k(k), check_lam(lam), check_form(form)
     layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
     check_finite("grad_h", grad_h)
-    hs = unroll(layer, x, result.h, k, lam)
+    layer_x_hs = result.extra.get(("upg", k, lam))
+    if layer_x_hs is not None and layer_x_hs[0] is layer and layer_x_hs[1] is x:
+        hs = layer_x_hs[2]                                # the states ``upg_output`` made
+    else:
+        hs = unroll(layer, x, result.h, k, lam)
     steps = np.full(x.shape[0], k)
     diag = {"n_F": k, "h_k": hs[-1]}
     return _estimate(layer, x, hs, grad_h, lam, steps, form, "upg",
