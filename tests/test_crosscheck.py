@@ -236,3 +236,15 @@ def test_crosscheck_notes_float32_input(golden, tmp_path, capsys):
     path = _write(tmp_path, arrays)
     assert main(["crosscheck", path, "--tol", "1e-6"]) == 0
     assert "jfb__grad_W is float32" in capsys.readouterr().out
+
+
+def test_golden_command_is_seeded(golden, tmp_path, capsys):
+    """``deqref golden --out DIR`` prints the paths and rewrites the same numbers every time."""
+    assert main(["golden", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / name) for name in golden)
+    for name, path in golden.items():
+        a, b = load(path), load(tmp_path / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key], b[key]), f"{name}: {key} differs between runs"

@@ -31,6 +31,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'deqref[crosscheck]' "
                             "(CPU wheel: pip install torch==2.13.0)")
 
+from deqref.backend import use_backend  # noqa: E402
 from deqref.crosscheck import compare, crosscheck_file, solve_tight  # noqa: E402
 from deqref.gradients import estimate  # noqa: E402
 from deqref.layers import Layer  # noqa: E402
@@ -51,7 +52,9 @@ def activations():
 
 
 def setup(activation="tanh", seed=0):
-    layer = Layer.random(D, D_X, activation, seed=seed, L_h=L_H)
+    # host NumPy whatever DEQREF_BACKEND says: PyTorch (CPU) reads the very same buffers
+    with use_backend("numpy"):
+        layer = Layer.random(D, D_X, activation, seed=seed, L_h=L_H)
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((N, D_X))                                   # (n, d_x)
     g = rng.standard_normal((N, D))                                     # (n, d)  ∂L/∂h
