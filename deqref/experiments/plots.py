@@ -77,8 +77,8 @@ def plot_static_precision(data: dict, path: Path) -> None:
     _caption(fig, f"Synthetic setting: d = {s['d']}, d_x = {s['d_x']}, n = {s['n']} samples, tanh, "
              f"‖W‖₂ = L_h = {s['L_h']}; seeds {s['seeds']} (line: mean, band: min–max). "
              f"Cosine of the batch-summed ∂L/∂θ; the same upstream g ~ N(0, I) for every estimator. "
-             f"Left two: h* by fixed-point iteration to relative residual < {s['tol']:g} (≤ {s['max_iter']} it.), "
-             f"exact = dense implicit oracle (Eq. 4) at that h*. Right: UPG/NPG at h from a solve stopped at "
+             f"Top: h* by fixed-point iteration to relative residual < {s['tol']:g} (≤ {s['max_iter']} it.), "
+             f"exact = dense implicit oracle (Eq. 4) at that h*. Bottom: UPG/NPG at h from a solve stopped at "
              f"the given tolerance, exact = dense oracle at h* solved to {s['exact_tol']:g}.")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)

@@ -161,13 +161,14 @@ def summary(data: dict) -> str:
     fmt = lambda k: f"{k:5d}" if k is not None else f"{'>' + str(s['ks'][-1]):>5s}"  # noqa: E731
     for lam, r in f["per_lambda"].items():
         lines.append(f"  {float(lam):5.2f} {fmt(r['k_condition6'])} {fmt(r['k_remark1'])} "
-                     f"{fmt(r['k_descent_all_g']):>6s} {r['min_cos_k1']:8.4f} {r['min_worst_normalized_k1']:9.4f}")
+                     f"{fmt(r['k_descent_all_g']):>6s} {r['min_cos_k1']:8.4f} {r['min_worst_normalized_k1']:9.1e}")
     lines.append(f"  (k, λ, sample) with (6) but not descent for every g: {f['condition6_but_not_descent']} "
                  f"(Theorem 1: 0); descent for every g without (6): {f['descent_without_condition6']}")
     ks = s["ks"]
     for lam, rec in data["inexact"].items():
-        ratio = {m: [max(np.array(r["lhs"]) / np.array(r["rhs"])) for r in rec[m]] for m in METHODS}
+        last = {m: np.array(rec[m][-1]["lhs"]) / np.array(rec[m][-1]["rhs"]) for m in METHODS}
         lines.append(f"  inexact h (tol {s['inexact_tol']:g}, ‖h−h*‖/‖h*‖ = {s['inexact_rel_error_h']:.1e}), "
-                     f"λ={float(lam):g}: max lhs/rhs of (6) at k={ks[-1]}: UPG {ratio['upg'][-1]:.3f}, "
-                     f"NPG {ratio['npg'][-1]:.3f}")
+                     f"λ={float(lam):g}, k={ks[-1]}: lhs/rhs of (6) median (max): "
+                     f"UPG {np.median(last['upg']):.1e} ({last['upg'].max():.1e}), "
+                     f"NPG {np.median(last['npg']):.1e} ({last['npg'].max():.1e})")
     return "\n".join(lines)
