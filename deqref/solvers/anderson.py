@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import prepare
+from .common import bound, prepare
 from .result import check_lam, check_memory
 
 
@@ -42,7 +42,8 @@ def anderson(layer, x, h0=None, *, m: int = 5, ridge: float = 1e-8, beta: float 
     be, (n, d) = layer.backend, h.shape
     tiny = float(np.finfo(str(h.dtype).replace("array_api_strict.", "")).tiny) ** 0.5
 
-    Fh = layer(h, x)
+    F = bound(layer, x)                                        # h ↦ F(h, x)
+    Fh = F(h)
     X, Fs = [h], [Fh]                                          # histories, newest last
     active = mon.record(h, Fh)
     n_F, traj = 1, ([h] if return_trajectory else None)
@@ -61,7 +62,7 @@ def anderson(layer, x, h0=None, *, m: int = 5, ridge: float = 1e-8, beta: float 
         mixed_F = (alpha[:, None, :] @ FF)[:, 0, :]             # Σ α_i F_i   (n, d)
         mixed_h = (alpha[:, None, :] @ Xs)[:, 0, :]             # Σ α_i h_i   (n, d)
         h_new = xp.where(be.from_host(active)[:, None], beta * mixed_F + (1 - beta) * mixed_h, h)
-        F_new = layer(h_new, x)
+        F_new = F(h_new)
         n_F += 1
         active = mon.record(h_new, F_new)
         bad = be.from_host(mon.newly_bad)[:, None]             # keep the last finite iterate

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import eps, to_numpy
-from .common import prepare
+from .common import bound, prepare
 from .result import check_memory
 
 FORMS = ("lowrank", "dense")
@@ -57,30 +57,43 @@ class DenseInverse:
 
 
 class LowRankInverse:
-    """B⁻¹ = −I + Σ_i u_i v_iᵀ with at most ``m`` pairs per sample (oldest dropped first)."""
+    """B⁻¹ = −I + Σ_i u_i v_iᵀ with at most ``m`` pairs per sample (oldest dropped first).
+
+    Slots not yet written hold zeros and add nothing; the products use only the first
+    ``filled`` slots (early in a solve, fewer than m), which is where their time goes.
+    """
 
     def __init__(self, xp, n, d, dtype, m):
         self.xp, self.m = xp, m
         self.Us = xp.zeros((n, m, d), dtype=dtype)       # (n, m, d)  u_i as rows
         self.Vs = xp.zeros((n, m, d), dtype=dtype)       # (n, m, d)  v_i as rows
         self.n_updates = np.zeros(n, dtype=np.int64)
+        self.filled = 0                                  # slots 0 … filled−1 may be non-zero
 
     def matvec(self, w):
         """B⁻¹ w = −w + Σ_i u_i (v_iᵀ w)   # (n, d)"""
-        c = (self.Vs @ w[:, :, None])[:, :, 0]           # (n, m)  v_iᵀ w
-        return -w + (c[:, None, :] @ self.Us)[:, 0, :]
+        Us, Vs = self.Us[:, :self.filled, :], self.Vs[:, :self.filled, :]
+        c = (Vs @ w[:, :, None])[:, :, 0]                # (n, m)  v_iᵀ w
+        return -w + (c[:, None, :] @ Us)[:, 0, :]
 
     def rmatvec(self, w):
         """B⁻ᵀ w = −w + Σ_i v_i (u_iᵀ w)   # (n, d)"""
-        c = (self.Us @ w[:, :, None])[:, :, 0]           # (n, m)  u_iᵀ w
-        return -w + (c[:, None, :] @ self.Vs)[:, 0, :]
+        Us, Vs = self.Us[:, :self.filled, :], self.Vs[:, :self.filled, :]
+        c = (Us @ w[:, :, None])[:, :, 0]                # (n, m)  u_iᵀ w
+        return -w + (c[:, None, :] @ Vs)[:, 0, :]
 
-    def add(self, u, v, mask, slot):
-        """Write (u, v) into each masked sample's circular slot ``slot`` (host int (n,))."""
+    def add(self, u, v, mask, slot, backend):
+        """Write (u, v) into each masked sample's circular slot ``slot``.
+
+        ``mask`` (bool) and ``slot`` (int) are host arrays (n,); one slot at a time is
+        written in place (usually every sample is at the same slot).
+        """
         xp = self.xp
-        hit = (xp.arange(self.m)[None, :] == slot[:, None]) & mask[:, None]   # (n, m)
-        self.Us = xp.where(hit[:, :, None], u[:, None, :], self.Us)
-        self.Vs = xp.where(hit[:, :, None], v[:, None, :], self.Vs)
+        for j in (int(j) for j in np.unique(slot[mask])):
+            hit = backend.from_host(mask & (slot == j))[:, None]          # (n, 1)
+            self.Us[:, j, :] = xp.where(hit, u, self.Us[:, j, :])
+            self.Vs[:, j, :] = xp.where(hit, v, self.Vs[:, j, :])
+            self.filled = max(self.filled, j + 1)
 
     def dense(self):
         """−I + Σ_i u_i v_iᵀ as an (n, d, d) array (small d only)."""
@@ -122,18 +135,22 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
     B = DenseInverse(xp, n, d, h.dtype) if form == "dense" else LowRankInverse(xp, n, d, h.dtype, m)
     n_skipped = np.zeros(n, dtype=np.int64)
 
-    g = layer(h, x) - h                                       # g(h_0)   (n, d)
-    active = mon.record(h, g + h)
+    F = bound(layer, x)                                       # h ↦ F(h, x)
+    Fh = F(h)
+    g = Fh - h                                                # g(h_0)   (n, d)
+    active = mon.record(h, Fh)
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
         if not active.any():
             break
-        act = be.from_host(active)
-        h_new = xp.where(act[:, None], h - B.matvec(g), h)   # h_{t+1} = h_t − B_t⁻¹ g_t
-        g_new = layer(h_new, x) - h_new
+        h_new = h - B.matvec(g)                                # h_{t+1} = h_t − B_t⁻¹ g_t
+        if not active.all():                                   # freeze the stopped samples
+            h_new = xp.where(be.from_host(active)[:, None], h_new, h)
+        F_new = F(h_new)
+        g_new = F_new - h_new
         n_F += 1
         was_active = active
-        active = mon.record(h_new, g_new + h_new)
+        active = mon.record(h_new, F_new)
         dh, dg = h_new - h, g_new - g                          # (n, d)
         B_dg = B.matvec(dg)                                    # B_t⁻¹ Δg
         dhT_B = B.rmatvec(dh)                                  # (Δhᵀ B_t⁻¹)ᵀ = B_t⁻ᵀ Δh
@@ -148,11 +165,12 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         if form == "dense":
             B.add(u, dhT_B, be.from_host(upd))
         else:
-            B.add(u, dhT_B, be.from_host(upd), be.from_host(B.n_updates % m))
+            B.add(u, dhT_B, upd, B.n_updates % m, be)
         B.n_updates += upd
-        bad = be.from_host(mon.newly_bad)[:, None]             # keep the last finite iterate
-        h = xp.where(bad, h, h_new)
-        g = xp.where(bad, g, g_new)
+        if mon.newly_bad.any():                                # keep the last finite iterate
+            bad = be.from_host(mon.newly_bad)[:, None]
+            h_new, g_new = xp.where(bad, h, h_new), xp.where(bad, g, g_new)
+        h, g = h_new, g_new
         if traj is not None:
             traj.append(h)
     return mon.finish(h, n_F=n_F, options=opts, trajectory=traj, B_inv=B, n_skipped=n_skipped)

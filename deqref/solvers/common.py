@@ -20,3 +20,11 @@ def prepare(layer, x, h0, name, *, tol, atol, max_iter, norm, stall_iter, diverg
     opts = dict(tol=tol, atol=atol, max_iter=max_iter, norm=str(norm), stall_iter=stall_iter,
                 divergence_factor=divergence_factor)
     return xp, h0, mon, opts
+
+
+def bound(layer, x):
+    """h ↦ F(h, x): ``layer.bind(x)`` where the layer has it (input injection computed once)."""
+    from ..layers import Layer
+    if isinstance(layer, Layer) and type(layer).__call__ is Layer.__call__:   # not overridden
+        return layer.bind(x)
+    return lambda h: layer(h, x)

@@ -10,7 +10,7 @@ References
 """
 from __future__ import annotations
 
-from .common import prepare
+from .common import bound, prepare
 from .result import check_lam
 
 
@@ -41,19 +41,23 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
                                stall_iter=stall_iter, divergence_factor=divergence_factor, warn=warn)
     opts["lam"] = lam
     be = layer.backend
-    Fh = layer(h, x)                                         # (n, d)
+    F = bound(layer, x)                                      # h ↦ F(h, x)
+    Fh = F(h)                                                # (n, d)
     active = mon.record(h, Fh)
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
         if not active.any():
             break
-        h_new = lam * Fh + (1.0 - lam) * h                   # Eq. (13)   (n, d)
-        h_new = xp.where(be.from_host(active)[:, None], h_new, h)
-        F_new = layer(h_new, x)
+        h_new = Fh if lam == 1.0 else lam * Fh + (1.0 - lam) * h   # Eq. (13)   (n, d)
+        if not active.all():                                 # freeze the stopped samples
+            h_new = xp.where(be.from_host(active)[:, None], h_new, h)
+        F_new = F(h_new)
         n_F += 1
         active = mon.record(h_new, F_new)
-        bad = be.from_host(mon.newly_bad)[:, None]             # keep the last finite iterate
-        h, Fh = xp.where(bad, h, h_new), xp.where(bad, Fh, F_new)
+        if mon.newly_bad.any():                              # keep the last finite iterate
+            bad = be.from_host(mon.newly_bad)[:, None]
+            h_new, F_new = xp.where(bad, h, h_new), xp.where(bad, Fh, F_new)
+        h, Fh = h_new, F_new
         if traj is not None:
             traj.append(h)
     return mon.finish(h, n_F=n_F, options=opts, trajectory=traj)

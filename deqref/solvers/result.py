@@ -120,8 +120,7 @@ class Monitor:
         self.n, self.tol, self.atol, self.norm = n, tol, atol, str(norm)
         self.stall_iter, self.divergence_factor = stall_iter, divergence_factor
         self.max_iter, self.name, self.warn = max_iter, name, warn
-        self.abs = [[] for _ in range(n)]
-        self.rel = [[] for _ in range(n)]
+        self.abs_rows, self.rel_rows, self.act_rows = [], [], []   # one (n,) row per record
         self.active = np.ones(n, dtype=bool)
         self.converged = np.zeros(n, dtype=bool)
         self.reason = ["max_iter"] * n
@@ -138,17 +137,18 @@ class Monitor:
         return xp.linalg.vector_norm(v, axis=1)
 
     def record(self, h, Fh) -> np.ndarray:
-        r_abs = to_numpy(self.norms(Fh - h)).astype(np.float64)      # (n,)
-        f = to_numpy(self.norms(Fh)).astype(np.float64)              # (n,)
+        xp = backend_of(h).xp
+        # both norms in one transfer to the host (one device synchronisation on a GPU)
+        r_abs, f = to_numpy(xp.stack([self.norms(Fh - h), self.norms(Fh)])).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             r_rel = np.where(f > 0, r_abs / np.where(f > 0, f, 1.0), np.where(r_abs > 0, np.inf, 0.0))
         first = self.n_records == 0
         if first:
             self.limit = self.divergence_factor * np.maximum(np.nan_to_num(r_abs, nan=1.0, posinf=1.0), 1.0)
         act = self.active
-        for i in np.flatnonzero(act):
-            self.abs[i].append(float(r_abs[i]))
-            self.rel[i].append(float(r_rel[i]))
+        self.abs_rows.append(r_abs)           # traces are cut per sample in ``finish``
+        self.rel_rows.append(r_rel)
+        self.act_rows.append(act)
         if not first:
             self.n_iter[act] += 1
         ok = (r_rel <= self.tol) | (r_abs <= self.atol)
@@ -173,7 +173,10 @@ class Monitor:
             counts = {r: reasons.count(r) for r in STOP_REASONS[1:] if r in reasons}
             warnings.warn(f"{self.name}: {int((~self.converged).sum())} of {self.n} samples did not "
                           f"converge to tol={self.tol:g} ({counts})", ConvergenceWarning, stacklevel=3)
+        act = np.stack(self.act_rows)                                # (records, n)
+        A, R = np.stack(self.abs_rows), np.stack(self.rel_rows)      # (records, n)
         return SolverResult(
             h=h, converged=self.converged.copy(), n_iter=self.n_iter.copy(), stop_reason=reasons,
-            abs_residual=[np.array(a) for a in self.abs], rel_residual=[np.array(r) for r in self.rel],
+            abs_residual=[A[act[:, i], i] for i in range(self.n)],    # while sample i was active
+            rel_residual=[R[act[:, i], i] for i in range(self.n)],
             n_F=n_F, solver=self.name, options=options, **kw)
