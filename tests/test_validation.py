@@ -8,7 +8,13 @@ from deqref.layers import Layer
 from deqref.solvers import solve
 
 LAYER = Layer.random(4, 2, seed=0)
-X = np.ones((3, 2))
+BE = LAYER.backend
+X = BE.asarray(np.ones((3, 2)))
+
+
+def on(a):
+    """A host array moved to the backend under test (DEQREF_BACKEND), so only the check fires."""
+    return BE.asarray(np.asarray(a, dtype=np.float64))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -38,30 +44,30 @@ def test_unknown_solver_and_option_names():
 
 def test_bad_shapes():
     with pytest.raises(ValueError, match=r"x must have shape \(\?, 2\), got \(3, 5\)"):
-        solve(LAYER, np.ones((3, 5)))
+        solve(LAYER, on(np.ones((3, 5))))
     with pytest.raises(ValueError, match=r"h0 must have shape \(3, 4\)"):
-        solve(LAYER, X, np.ones((3, 3)))
+        solve(LAYER, X, on(np.ones((3, 3))))
     with pytest.raises(ValueError, match=r"h0 must have shape \(3, 4\)"):
-        solve(LAYER, X, np.ones((2, 4)))
+        solve(LAYER, X, on(np.ones((2, 4))))
     with pytest.raises(ValueError, match=r"W must have shape \(3, 3\)"):
         Layer(np.ones((3, 4)), np.ones((3, 2)), np.zeros(3))
     with pytest.raises(ValueError, match=r"b must have shape \(3,\)"):
         Layer(np.eye(3), np.ones((3, 2)), np.zeros(4))
     with pytest.raises(ValueError, match=r"grad_h must have shape \(3, 4\)"):
-        implicit_dense(LAYER, X, np.zeros((3, 4)), np.zeros((3, 5)))
+        implicit_dense(LAYER, X, on(np.zeros((3, 4))), on(np.zeros((3, 5))))
 
 
 def test_non_finite_inputs():
-    bad = X.copy()
+    bad = np.ones((3, 2))
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="x contains NaN or infinity"):
-        solve(LAYER, bad)
+        solve(LAYER, on(bad))
     with pytest.raises(ValueError, match="W contains NaN or infinity"):
         Layer(np.full((2, 2), np.inf), np.ones((2, 1)), np.zeros(2))
     with pytest.raises(ValueError, match="grad_h contains NaN"):
-        implicit_dense(LAYER, X, np.zeros((3, 4)), np.full((3, 4), np.nan))
+        implicit_dense(LAYER, X, on(np.zeros((3, 4))), on(np.full((3, 4), np.nan)))
     with pytest.raises(ValueError, match="h0 contains NaN"):
-        solve(LAYER, X, np.full((3, 4), np.nan))
+        solve(LAYER, X, on(np.full((3, 4), np.nan)))
 
 
 def test_bad_layer_construction():
