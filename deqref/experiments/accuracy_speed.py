@@ -45,6 +45,8 @@ References
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +94,19 @@ def config(name: str, seed: int, epochs: int, batch_size: int) -> TrainConfig:
     return TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
                        batch_size=batch_size, seed=seed, quiet=True)
+
+
+def machine() -> dict:
+    """Where the times were taken: CPU model, core count, load averages (other processes share it)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cpu": model, "cores": os.cpu_count(), "loadavg_1_5_15min": load,
+            "python": platform.python_version(), "numpy": np.__version__}
 
 
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
@@ -157,8 +172,10 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    before = machine()
     with _one_blas_thread():
         data = measure(seed, mode)
+    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy_speed.json").write_text(json.dumps(data, indent=1))
     from .plots_speed import plot_accuracy_speed

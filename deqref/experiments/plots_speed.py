@@ -13,6 +13,13 @@ BATCH_COLORS = {"2400": "black", "1200": "tab:blue", "600": "tab:green", "64": "
                 "32": "tab:red"}
 
 
+def _where(s: dict) -> str:
+    m = s.get("machine") or {}
+    load = m.get("loadavg_1_5_15min")
+    return (f"{m.get('cpu', 'a CPU')} ({m.get('cores', '?')} cores"
+            + (f", 1-min load {load[0]:g} at the start" if load else "") + ")")
+
+
 def _table(ax, header, rows, fontsize=7.5):
     ax.axis("off")
     tab = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
@@ -82,8 +89,8 @@ def plot_accuracy_speed(data: dict, path: Path) -> None:
              f"after the last epoch. Forward for all: Broyden (memory {f['m']}) to rel. residual {f['tol']:g}, "
              f"≤ {f['max_iter']} iterations. Implicit: adjoint by {s['implicit_backward_iters']} Broyden "
              f"iterations; UPG/NPG k = 5, λ = 0.5 (UPG's unrolled steps count as forward); GDEQ reuses the "
-             f"forward's B_T⁻¹. Times: {s['backend']} on a CPU, one BLAS thread, evaluation excluded; they "
-             f"depend on the machine. [1] Geng et al. 2021 (MDEQ, CIFAR-10/ImageNet); [2] Nguyen and Mauch "
+             f"forward's B_T⁻¹. Times: {s['backend']} on {_where(s)}, one BLAS thread, evaluation excluded; "
+             f"they depend on the machine. [1] Geng et al. 2021 (MDEQ, CIFAR-10/ImageNet); [2] Nguyen and Mauch "
              f"(MDEQ, CIFAR-10, 4 GPUs).")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
@@ -139,7 +146,7 @@ def plot_jfb_batch(data: dict, path: Path) -> None:
              f"projection), linear head, MSE; JFB gradient; forward: fixed-point iteration from h = 0 until "
              f"‖F(h) − h‖_∞ < {s['atol']:g} per sample, ≤ {s['max_iter']} iterations; Adam lr {s['lr']:g}; the "
              f"same initialization and {s['epochs']} epochs for every batch size.{short} Times: "
-             f"{s['backend']} on a CPU, evaluation excluded; they depend on the machine. Report: PyTorch on a "
+             f"{s['backend']} on {_where(s)}, one BLAS thread, evaluation excluded; they depend on the machine. Report: PyTorch on a "
              f"CPU, its Table 1 'time' column is the total training time.")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
