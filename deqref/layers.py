@@ -180,6 +180,23 @@ class Layer:
         W, b, sigma, xp = self.W, self.b, self._sigma, self.xp
         return lambda h: sigma(xp, h @ W.T + xU + b)     # σ(h Wᵀ + x Uᵀ + b)   (n, d)
 
+    def bind_with_prime(self, x):
+        """h ↦ (F(h, x), σ'(a)) from one pre-activation a = h Wᵀ + x Uᵀ + b, x Uᵀ computed
+        once (as in ``bind``): what an unrolled step keeps for its reverse pass."""
+        xU = x @ self.U.T                                # (n, d)
+        W, b, sigma, dsigma, xp = self.W, self.b, self._sigma, self._dsigma, self.xp
+
+        def value_and_prime(h):
+            a = h @ W.T + xU + b                         # (n, d)
+            return sigma(xp, a), dsigma(xp, a)
+        return value_and_prime
+
+    def bind_prime(self, x):
+        """σ'(· Wᵀ + x Uᵀ + b) as a function of h alone, x Uᵀ computed once (as in ``bind``)."""
+        xU = x @ self.U.T                                # (n, d)
+        W, b, dsigma, xp = self.W, self.b, self._dsigma, self.xp
+        return lambda h: dsigma(xp, h @ W.T + xU + b)   # (n, d)
+
     def sigma_prime(self, h, x):
         """s = σ'(a) at a = h Wᵀ + x Uᵀ + b   # (n, d)"""
         return self._dsigma(self.xp, self.preactivation(h, x))

@@ -24,37 +24,62 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import check_finite
+from ..layers import Layer
 from ..solvers.result import check_lam
 from .base import Gradient, check_form, check_k, make_gradient
 
 
-def unroll(layer, x, h0, k: int, lam: float) -> list:
-    """States [h_0, …, h_k] of h_{t+1} = λ F(h_t, x) + (1 − λ) h_t (Eq. 13)   # k+1 × (n, d)"""
-    hs = [h0]
+def _bound(layer, x):
+    """(h ↦ (F(h, x), σ'), h ↦ σ') at this x: a plain ``Layer``'s bound forms (x Uᵀ computed
+    once, ``Layer.bind_with_prime`` / ``bind_prime``), else its ``__call__`` and ``sigma_prime``."""
+    if (isinstance(layer, Layer) and type(layer).__call__ is Layer.__call__
+            and type(layer).sigma_prime is Layer.sigma_prime):
+        return layer.bind_with_prime(x), layer.bind_prime(x)
+    return (lambda h: (layer(h, x), layer.sigma_prime(h, x))), (lambda h: layer.sigma_prime(h, x))
+
+
+def unroll(layer, x, h0, k: int, lam: float, *, primes: bool = False):
+    """States [h_0, …, h_k] of h_{t+1} = λ F(h_t, x) + (1 − λ) h_t (Eq. 13)   # k+1 × (n, d)
+
+    ``primes=True`` returns ``(hs, ss)`` with ss[t] = σ' at h_t (t < k) from the same
+    pre-activation as F(h_t) — what Algorithm 1's autograd graph keeps for the backward.
+    """
+    F_and_prime = _bound(layer, x)[0]
+    hs, ss = [h0], []
     for _ in range(k):
-        hs.append(lam * layer(hs[-1], x) + (1.0 - lam) * hs[-1])
-    return hs
+        F_t, s_t = F_and_prime(hs[-1])                               # (n, d), (n, d)
+        hs.append(lam * F_t + (1.0 - lam) * hs[-1])
+        ss.append(s_t)
+    return (hs, ss) if primes else hs
 
 
-def _reverse(layer, x, hs, grad_h, lam, steps):
+def _reverse(layer, x, hs, grad_h, lam, steps, ss=None):
     """Vector form: reverse pass over states hs[0..T−1]; ``steps`` (n,) host ints say how
-    many of them each sample took (later steps are the identity for that sample)."""
+    many of them each sample took (later steps are the identity for that sample); ``ss``:
+    σ' at those states if the forward kept them (else recomputed, one product per state).
+
+    With r_t = λ v_t ⊙ σ'(a_t), step t contributes λ ∂F/∂θ|_{h_t} v_t = (r_tᵀ h_t, r_tᵀ x,
+    Σ_rows r_t) for (W, U, b) and λ ∂F/∂x|_{h_t} v_t = r_t U (``Layer.vjp_theta``, ``vjp_x``).
+    Only the W term depends on h_t, so the others are taken once from Σ_t r_t.
+    """
     xp, be = layer.xp, layer.backend
     T = len(hs) - 1
+    prime = _bound(layer, x)[1] if ss is None else None
+    masked = bool(np.any(steps < T))                                  # some sample stopped early
     v = grad_h                                                        # (n, d)
-    grads = {"W": 0.0, "U": 0.0, "b": 0.0}
-    grad_x = xp.zeros_like(x)
+    r_sum, grad_W = xp.zeros_like(grad_h), xp.zeros_like(layer.W)    # Σ_t r_t, Σ_t r_tᵀ h_t
     for t in range(T - 1, -1, -1):
-        live = be.from_host(steps > t)[:, None]                      # (n, 1) step t taken
-        vt = xp.where(live, v, 0.0)
-        s = layer.sigma_prime(hs[t], x)                               # σ' at h_t, reused 3×
-        g_t = layer.vjp_theta(hs[t], x, vt, s)
-        for key in grads:
-            grads[key] = grads[key] + lam * g_t[key]
-        grad_x = grad_x + lam * layer.vjp_x(hs[t], x, vt, s)
+        s = prime(hs[t]) if ss is None else ss[t]                    # σ' at h_t   (n, d)
+        live = be.from_host(steps > t)[:, None] if masked else None  # (n, 1) step t taken
+        vt = v if live is None else xp.where(live, v, 0.0)
+        r = lam * (vt * s)                                            # r_t   (n, d)
+        grad_W = grad_W + r.T @ hs[t]                                 # (d, d)
+        r_sum = r_sum + r
         if t > 0:                                                     # v ← M_t v
-            v = xp.where(live, lam * layer.vjp_h(hs[t], x, v, s) + (1.0 - lam) * v, v)
-    return grads, grad_x
+            Mv = lam * layer.vjp_h(hs[t], x, v, s) + (1.0 - lam) * v
+            v = Mv if live is None else xp.where(live, Mv, v)
+    grads = {"W": grad_W, "U": r_sum.T @ x, "b": xp.sum(r_sum, axis=0)}
+    return grads, r_sum @ layer.U                                     # (n, d_x)
 
 
 def unrolled_matrices(layer, x, hs, lam, steps):
@@ -82,13 +107,13 @@ def _apply(layer, A, A_x, grad_h):
     return layer.unflatten(theta), (A_x @ grad_h[:, :, None])[:, :, 0]    # (n, d_x)
 
 
-def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag):
+def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag, ss=None):
     if form == "matrix":
         A, A_x = unrolled_matrices(layer, x, hs, lam, steps)
         grads, grad_x = _apply(layer, A, A_x, grad_h)
         diag.update(A=A, A_x=A_x, n_matmul=2 * len(hs) - 1)
     else:
-        grads, grad_x = _reverse(layer, x, hs, grad_h, lam, steps)
+        grads, grad_x = _reverse(layer, x, hs, grad_h, lam, steps, ss)
         diag.update(n_vjp=3 * (len(hs) - 1) - 1)
     return make_gradient(layer, grads, grad_x, name, options, diag)
 
@@ -96,9 +121,9 @@ def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag):
 def upg_output(layer, x, result, *, k: int = 5, lam: float = 0.5):
     """h_k of Algorithm 1: k damped steps from h* — where UPG's loss is taken   # (n, d)"""
     k, lam = check_k(k), check_lam(lam)
-    hs = unroll(layer, x, result.h, k, lam)
+    hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
     # kept for ``upg`` on the same (layer, x, result): Algorithm 1 keeps this graph too
-    result.extra[("upg", k, lam)] = (layer, x, hs)
+    result.extra[("upg", k, lam)] = (layer, x, hs, ss)
     return hs[-1]
 
 
@@ -111,15 +136,15 @@ def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "
     k, lam, form = check_k(k), check_lam(lam), check_form(form)
     layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
     check_finite("grad_h", grad_h)
-    layer_x_hs = result.extra.get(("upg", k, lam))
-    if layer_x_hs is not None and layer_x_hs[0] is layer and layer_x_hs[1] is x:
-        hs = layer_x_hs[2]                                # the states ``upg_output`` made
+    kept = result.extra.get(("upg", k, lam))
+    if kept is not None and kept[0] is layer and kept[1] is x:
+        hs, ss = kept[2], kept[3]                         # the states ``upg_output`` made
     else:
-        hs = unroll(layer, x, result.h, k, lam)
+        hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
     steps = np.full(x.shape[0], k)
     diag = {"n_F": k, "h_k": hs[-1]}
     return _estimate(layer, x, hs, grad_h, lam, steps, form, "upg",
-                     {"k": k, "lam": lam, "form": form}, diag)
+                     {"k": k, "lam": lam, "form": form}, diag, ss)
 
 
 def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
