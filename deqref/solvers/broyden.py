@@ -90,9 +90,13 @@ class LowRankInverse:
         """
         xp = self.xp
         for j in (int(j) for j in np.unique(slot[mask])):
-            hit = backend.from_host(mask & (slot == j))[:, None]          # (n, 1)
-            self.Us[:, j, :] = xp.where(hit, u, self.Us[:, j, :])
-            self.Vs[:, j, :] = xp.where(hit, v, self.Vs[:, j, :])
+            hit = mask & (slot == j)                                      # (n,) host
+            if hit.all():                                                 # the usual case
+                self.Us[:, j, :], self.Vs[:, j, :] = u, v
+            else:
+                hit = backend.from_host(hit)[:, None]                     # (n, 1)
+                self.Us[:, j, :] = xp.where(hit, u, self.Us[:, j, :])
+                self.Vs[:, j, :] = xp.where(hit, v, self.Vs[:, j, :])
             self.filled = max(self.filled, j + 1)
 
     def dense(self):
