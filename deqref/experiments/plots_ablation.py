@@ -20,7 +20,8 @@ def _implicit_band(ax, data: dict) -> None:
     s = data["implicit"]["summary"]
     m, sd = 100 * s["acc_mean"], 100 * s["acc_std"]
     ax.axhspan(m - sd, m + sd, color="0.5", alpha=0.15, lw=0)
-    ax.axhline(m, color="0.3", lw=1.0, ls=":", label=f"implicit (20 Broyden): {m:.1f} ± {sd:.1f}")
+    ax.axhline(m, color="0.3", lw=1.0, ls=":", label=f"implicit (20 Broyden): {m:.1f} ± {sd:.1f} "
+               f"(best epoch {100 * s['best_mean']:.1f})")
 
 
 def plot_ablation(data: dict, path: Path) -> None:
