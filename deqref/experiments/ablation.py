@@ -12,8 +12,8 @@ does not print them); the text claims:
 - Sec. 3: Fig. 3 "validates the advantages of the unrolling phantom gradient over the Neumann
   phantom gradient and show[s] the influences of λ and k", and UPG "is robust to a wide range of
   unrolled steps (see Fig. 3(b))";
-- the operating point chosen from it: A_{5,0.5} (Tables 1 and 3; the slides also use A_{5,0.6},
-  A_{5,0.8}, A_{5,1.0} and A_{6,0.5} elsewhere).
+- the operating point of its other experiments: A_{5,0.5} (Tables 1 and 3; the slides' tables also
+  use A_{5,0.6}, A_{5,0.8}, A_{5,1.0} and A_{6,0.5}).
 
 What deqref does instead, at teaching scale (the model and forward of ``accuracy_speed``, so the
 numbers compare):
@@ -39,9 +39,9 @@ Two identities give the grid a reference. NPG with k = 1, λ = 1 *is* JFB (∂F/
 computation; the tests check it bit for bit). And NPG with k = 1 is λ · JFB for the layer's
 parameters, a scale that Adam's m̂ / (√v̂ + ε) removes up to its ε = 1e-8: NPG at k = 1 would train
 the same for every λ but for that ε. The measured spread of NPG's k = 1 runs over λ (same seed) is
-therefore reported as the **noise floor**: how far two runs that differ only by rounding-sized
-perturbations drift apart (the forward solver's per-sample stopping turns them into different
-trajectories), the size a difference on the grid has to beat.
+therefore reported as the **noise floor**: how far two runs that differ only by ε-sized
+perturbations drift apart once training has amplified them, the size a difference on the grid has
+to beat.
 
 References
 ----------
