@@ -138,15 +138,18 @@ class TrainConfig:
     seed: int = 0
     spectral_norm: float | None = None    # project ‖W‖₂ ≤ this after every update (None: off)
     track_cosine: bool = False            # cos(estimator's ∂L/∂θ, exact) at every step
-    probes: dict = field(default_factory=dict)   # {name: options}: cos(probe, exact) per step
+    # {name: options}: cos(probe, exact) per step; "upg@k10" runs "upg" under its own label
+    probes: dict = field(default_factory=dict)
     quiet: bool = False
 
     def validate(self) -> None:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator: unknown {self.estimator!r}; valid: {sorted(ESTIMATORS)}")
-        for name, opts in [(self.estimator, self.estimator_options), *self.probes.items()]:
+        for label, opts in [(self.estimator, self.estimator_options), *self.probes.items()]:
+            name = label.split("@", 1)[0]
             if name not in ESTIMATORS:
-                raise ValueError(f"probes: unknown estimator {name!r}; valid: {sorted(ESTIMATORS)}")
+                raise ValueError(f"probes: unknown estimator {label!r}; valid: {sorted(ESTIMATORS)}, "
+                                 f"optionally with '@label'")
             bad = sorted(set(opts) - set(estimator_options(name)))
             if bad:
                 raise TypeError(f"estimator_options: unknown option(s) {bad} for {name!r}; "
@@ -273,9 +276,9 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
                     hist["step_cosine"].append(c)
                     hist["step_epsilon"].append(epsilon(est.theta, exact))   # Theorem 3's ε
                     cos_epoch.append(c)
-                for name, opts in cfg.probes.items():
-                    probe = estimate(name, layer, xb, res, dh_star, **opts).theta
-                    hist["probe_cosine"][name].append(cosine(probe, exact))
+                for label, opts in cfg.probes.items():
+                    probe = estimate(label.split("@", 1)[0], layer, xb, res, dh_star, **opts).theta
+                    hist["probe_cosine"][label].append(cosine(probe, exact))
             model.set_params(new)
             t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
             loss_sum += loss * m
