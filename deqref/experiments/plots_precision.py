@@ -38,6 +38,7 @@ def _box_panel(ax, r: dict, k: int, lam: float, title: str) -> None:
                         f"{lab} A_{{{k},{lam:g}}} (median {o['median']:.3f}, min {o['min']:.2f})")
     n_ep = len(r["val_metric"])
     ax.set_yticks(np.arange(1, n_ep + 1))
+    ax.set_ylim(0.5, n_ep + 0.5 + 0.12 * n_ep)             # room for the legend above the last epoch
     ax.set(xlabel="cos(phantom gradient, exact)", ylabel="training epoch", title=title)
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=7.5, loc="upper left")
@@ -143,6 +144,7 @@ def plot_gdeq_precision(data: dict, path: Path) -> None:
                   label=f"forward converged, m = {r['m']}")
     n_ep = s["epochs"]
     ax_a.set_yticks(np.arange(1, n_ep + 1))
+    ax_a.set_ylim(0.5, n_ep + 0.6 + 0.06 * n_ep * len(keys))   # room for the legend
     ax_a.set(xlabel="cos(GDEQ, exact)", ylabel="training epoch",
              title="distribution over each epoch's steps (| : JFB's median)")
     ax_a.grid(alpha=0.3, axis="x")
@@ -152,7 +154,7 @@ def plot_gdeq_precision(data: dict, path: Path) -> None:
     ax_b.set_xticks(np.arange(1, n_ep + 1))
     ax_d.set_xticks(np.arange(1, n_ep + 1))
     ax_b.grid(alpha=0.3)
-    ax_b.legend(fontsize=6.5, loc="best")
+    ax_b.legend(fontsize=6.5, loc="best", ncol=2)
     ax_c.set(xlabel="training step", ylabel="1 − cos(implicit by 20 Broyden it., dense oracle)",
              title="the two 'implicit' gradients agree (why the bracket is thin)")
     ax_c.grid(alpha=0.3, which="both")
