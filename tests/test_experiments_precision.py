@@ -61,6 +61,8 @@ def test_files_and_summary(outputs, name):
     assert mod.__doc__.splitlines()[0].strip()
     text = mod.summary(data)                               # works from the JSON alone
     assert isinstance(text, str) and len(text.splitlines()) >= 4
+    twice = {**data, "runs": {k: v + v for k, v in data["runs"].items()}}    # as with 2 seeds
+    assert len(mod.summary(twice).splitlines()) > len(text.splitlines())
     for r in _runs(data):
         _check_cosines(r, s["n_train"], s["batch_size"], s["epochs"])
         assert len(r["val_metric"]) == s["epochs"]

@@ -183,15 +183,16 @@ def summary(data: dict) -> str:
              f"  {'forward':8s} {'estimator':14s} {'median':>7s} {'q10':>7s} {'q90':>7s} {'min':>7s} "
              f"{'cos>0':>6s}  val acc  fwd conv"]
     for fname, runs in data["runs"].items():
-        r = runs[0]
-        names = [probe_name(m, k, lam) for k, lam in r["klams"] for m in ("upg", "npg")] + ["train"]
-        for name in names:
-            o = r["overall"][name]
-            label = "implicit(20B)" if name == "train" else name.upper().replace("@K", " k").replace("LAM", "λ")
-            lines.append(f"  {fname:8s} {label:14s} {o['median']:7.4f} {o['q10']:7.4f} {o['q90']:7.4f} "
-                         f"{o['min']:7.4f} {100 * o['frac_positive']:5.1f}%  "
-                         f"{100 * r['val_metric'][-1]:5.1f}%  {100 * np.mean(r['forward_converged']):5.1f}%")
-        for key, dd in r["upg_minus_npg"].items():
-            lines.append(f"  {fname:8s} UPG − NPG ({key}): median {dd['median']:+.2e}, max |·| "
-                         f"{dd['max_abs']:.2e}, UPG higher on {100 * dd['frac_upg_higher']:.0f}% of steps")
+        for r in runs:
+            tag = f"{fname}" + (f" s{r['seed']}" if len(runs) > 1 else "")
+            names = [probe_name(m, k, lam) for k, lam in r["klams"] for m in ("upg", "npg")] + ["train"]
+            for name in names:
+                o = r["overall"][name]
+                label = "implicit(20B)" if name == "train" else name.upper().replace("@K", " k").replace("LAM", "λ")
+                lines.append(f"  {tag:8s} {label:14s} {o['median']:7.4f} {o['q10']:7.4f} {o['q90']:7.4f} "
+                             f"{o['min']:7.4f} {100 * o['frac_positive']:5.1f}%  "
+                             f"{100 * r['val_metric'][-1]:5.1f}%  {100 * np.mean(r['forward_converged']):5.1f}%")
+            for key, dd in r["upg_minus_npg"].items():
+                lines.append(f"  {tag:8s} UPG − NPG ({key}): median {dd['median']:+.2e}, max |·| "
+                             f"{dd['max_abs']:.2e}, UPG higher on {100 * dd['frac_upg_higher']:.0f}% of steps")
     return "\n".join(lines)

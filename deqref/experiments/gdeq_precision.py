@@ -15,7 +15,9 @@ What deqref does instead, at teaching scale (numbers are the default mode):
   F(h, x) = tanh(W h + U x + b), d = 64 (quick 16, full 128), ‖W‖₂ = 0.9 at initialization, a
   linear head, cross-entropy, Adam lr 5e-3, batch 64, 10 epochs (quick 2, full 30);
 - training: with GDEQ itself (its own trajectory; deqref's choice), forward Broyden to relative
-  residual 1e-4, at most 18 iterations (the paper's forward budget);
+  residual 1e-4, at most 18 iterations (the paper's forward budget); one more run (default and
+  full mode) trains with the iterative implicit gradient and evaluates GDEQ along that
+  trajectory, so that GDEQ's precision is not only seen where GDEQ itself has led;
 - memory: the forward makes at most 18 Broyden updates, so m = 18 keeps every one ("full
   memory"); limited memory scaled to this budget is m = 6 (a third) and m = 2 (deqref's choices).
   The memory changes the forward solve too (a poorer B_t⁻¹ converges more slowly), so each m is
