@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,6 +39,17 @@ class Dataset:
     @property
     def d_x(self) -> int:
         return self.x_train.shape[1]
+
+    def subset(self, n_train: int, n_val: int | None = None) -> "Dataset":
+        """The first ``n_train`` training and ``n_val`` (default ``n_train``) validation samples,
+        on any backend (``x[:n, ...]``: the array API does not index a 2-D array with one slice)."""
+        n_val = n_train if n_val is None else n_val
+        for name, n in (("n_train", n_train), ("n_val", n_val)):
+            if not isinstance(n, (int, np.integer)) or n < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        take = lambda a, n: a[:n, ...] if a.ndim > 1 else a[:n]     # noqa: E731
+        return replace(self, x_train=take(self.x_train, n_train), y_train=take(self.y_train, n_train),
+                       x_val=take(self.x_val, n_val), y_val=take(self.y_val, n_val))
 
 
 def synthetic(seed: int = 0, *, d: int = SYNTH_D, d_x: int = SYNTH_D_X, n: int = SYNTH_N,

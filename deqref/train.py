@@ -250,7 +250,7 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
             if perm is None:
                 xb, yb = data.x_train, data.y_train
             else:
-                idx = perm[i * bs:(i + 1) * bs]
+                idx = perm[i * bs:min((i + 1) * bs, n)]          # the array API forbids stop > n
                 xb, yb = be.xp.take(data.x_train, idx, axis=0), be.xp.take(data.y_train, idx, axis=0)
             m = xb.shape[0]
             layer, head = model.layer, model.head

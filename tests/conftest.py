@@ -3,7 +3,19 @@ on a GPU machine run the suite with DEQREF_BACKEND=cupy)."""
 import numpy as np
 import pytest
 
-from deqref.backend import get_backend, to_numpy
+from deqref.backend import get_backend, set_backend, to_numpy
+
+
+@pytest.fixture(autouse=True)
+def _backend_unchanged():
+    """A test must leave the active backend as it found it: one that switched it for good would
+    run every later test on another backend and hide failures of the DEQREF_BACKEND run."""
+    before = get_backend().name
+    yield
+    after = get_backend().name
+    if after != before:
+        set_backend(before)
+        pytest.fail(f"the test left the backend {after!r}; it was {before!r}")
 
 
 @pytest.fixture

@@ -1,11 +1,9 @@
 """Every estimator: matrix form = vector form, the identities and limits of the papers,
 and finite-difference oracles that share no code with deqref's derivatives."""
-import warnings
 
 import numpy as np
 import pytest
 
-from deqref.backend import to_numpy
 from deqref.gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
 from deqref.layers import ACTIVATIONS, Layer
 from deqref.solvers import solve

@@ -4,7 +4,6 @@ steps, the exact-in-the-limit estimators give cosine ≈ 1, the paper's UPG = NP
 and the same seed gives the same numbers."""
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,9 +126,7 @@ def test_angle_bounds_bracket_the_true_cosine():
 
 
 def _small(seed=0, n=128):
-    data = digits(seed)
-    return replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n],
-                   x_val=data.x_val[:64], y_val=data.y_val[:64])
+    return digits(seed).subset(n, 64)
 
 
 def test_same_seed_same_numbers():

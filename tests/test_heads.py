@@ -2,7 +2,7 @@
 import numpy as np
 
 from deqref.heads import LinearHead, cross_entropy, mse, softmax
-from helpers import FD_RTOL, assert_close, fd_grad, fd_jacobian
+from helpers import FD_RTOL, assert_close, fd_grad
 from conftest import host
 
 

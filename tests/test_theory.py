@@ -1,6 +1,5 @@
 """The theorem checkers: hand-made cases and hypothesis property tests over random layers."""
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

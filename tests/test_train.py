@@ -4,16 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from deqref.data import digits, heat_transfer, heat_transfer_target, synthetic
+from deqref.data import digits, heat_transfer, synthetic
 from deqref.train import SGD, Adam, DEQModel, TrainConfig, save_history, train
 from conftest import host
 
 
 def small_digits():
-    d = digits(seed=0)
-    d.x_train, d.y_train = d.x_train[:256], d.y_train[:256]
-    d.x_val, d.y_val = d.x_val[:128], d.y_val[:128]
-    return d
+    return digits(seed=0).subset(256, 128)
 
 
 def run(seed=0, **kw):
@@ -118,3 +115,15 @@ def test_digits_and_synthetic_data():
     layer, x, g = synthetic(0)
     assert (layer.d, layer.d_x, x.shape, g.shape) == (64, 16, (32, 16), (32, 64))
     assert abs(np.linalg.norm(host(layer.W), 2) - 0.9) < 1e-14
+
+
+def test_dataset_subset_takes_the_first_samples_and_validates():
+    full, sub = digits(seed=0), digits(seed=0).subset(10, 4)
+    assert sub.x_train.shape == (10, full.d_x) and sub.y_train.shape == (10,)
+    assert sub.x_val.shape == (4, full.d_x) and sub.y_val.shape == (4,)
+    np.testing.assert_array_equal(host(sub.x_train), host(full.x_train)[:10])
+    np.testing.assert_array_equal(host(sub.y_val), host(full.y_val)[:4])
+    with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
+        full.subset(0)
+    with pytest.raises(ValueError, match="n_val must be an integer >= 1"):
+        full.subset(5, 2.5)

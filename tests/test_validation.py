@@ -81,10 +81,10 @@ def test_bad_layer_construction():
         Layer.random(3, 2, seed=0, dtype="float16")
 
 
-def test_bad_head_and_loss_input():
+def test_bad_head_and_loss_input(arr):
     head = LinearHead.random(4, 3, seed=0)
     with pytest.raises(ValueError, match=r"h must have shape \(\?, 4\)"):
-        head(np.ones((2, 5)))
+        head(arr(np.ones((2, 5))))
     with pytest.raises(ValueError, match="y must have the shape of y_hat"):
         mse(np.ones((2, 3)), np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):

@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +111,7 @@ def machine() -> dict:
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
     """One short epoch per method on the first 2 batches, so no measured run pays first-call costs."""
     m = 2 * batch_size
-    small = replace(data, x_train=data.x_train[:m], y_train=data.y_train[:m],
-                    x_val=data.x_val[:m], y_val=data.y_val[:m])
+    small = data.subset(m)
     for name in METHODS:
         train(DEQModel.random(d, data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT),
               small, config(name, seed, 1, batch_size))

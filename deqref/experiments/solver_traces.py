@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from ..solvers import solve
 from ..data import SYNTH_D as D, SYNTH_L_H as L_H, synthetic

@@ -39,7 +39,7 @@ def anderson(layer, x, h0=None, *, m: int = 5, ridge: float = 1e-8, beta: float 
                                norm=norm, stall_iter=stall_iter,
                                divergence_factor=divergence_factor, warn=warn)
     opts.update(m=m, ridge=ridge, beta=beta)
-    be, (n, d) = layer.backend, h.shape
+    be, n = layer.backend, h.shape[0]
     tiny = float(np.finfo(str(h.dtype).replace("array_api_strict.", "")).tiny) ** 0.5
 
     F = bound(layer, x)                                        # h ↦ F(h, x)
