@@ -88,7 +88,8 @@ def implicit_iterative(layer, x, result, grad_h, *, method: str = "broyden", n_i
 
     Parameters
     ----------
-    method : "broyden" or "fixed_point" for the adjoint solve (from y_0 = 0)
+    method : "broyden" or "fixed_point" for the adjoint solve (from y_0 = 0; fixed point starts
+        at its first iterate y_1 = g, so ``n_iter`` iterations cost ``n_iter`` VJPs in h)
     n_iter : number of backward iterations (at most; fewer if ``tol`` is met)
     tol : relative-residual tolerance of the adjoint solve (0: always ``n_iter`` steps)
     form : "vector" (the adjoint solver, then VJPs) or "matrix": for fixed-point iteration
@@ -117,8 +118,14 @@ def implicit_iterative(layer, x, result, grad_h, *, method: str = "broyden", n_i
     if method == "broyden":
         solver_options = {**solver_options, "form": "dense" if form == "matrix" else "lowrank"}
     amap = AdjointMap(layer, x, h, grad_h)
-    adj = solve(amap, x, None, method=method, tol=tol,
-                max_iter=n_iter, stall_iter=None, warn=False, **solver_options)
+    if method == "fixed_point" and n_iter > 1:
+        # from y_0 = 0 the first update is y_1 = ∂F/∂h · 0 + g = g exactly: start there and save
+        # a VJP of zero (the trace begins at y_1; y_K is the same K-term Neumann sum)
+        y0, max_iter = grad_h, n_iter - 1
+    else:
+        y0, max_iter = None, n_iter
+    adj = solve(amap, x, y0, method=method, tol=tol,
+                max_iter=max_iter, stall_iter=None, warn=False, **solver_options)
     y = adj.h                                                        # (n, d)
     diag = {"adjoint": adj, "rel_residual": adj.rel_residual, "n_vjp": adj.n_F + 2}
     if form == "matrix":

@@ -83,21 +83,36 @@ def _reverse(layer, x, hs, grad_h, lam, steps, ss=None):
 
 
 def unrolled_matrices(layer, x, hs, lam, steps):
-    """Matrix form, literally Eq. (14)/(17): A (n, d_θ, d) and A_x (n, d_x, d) per sample."""
+    """Matrix form, literally Eq. (14)/(17): A (n, d_θ, d) and A_x (n, d_x, d) per sample.
+
+    A = Σ_t λ ∂F/∂θ(h_t) P_t with P_t = Π_{s=t+1}^{T−1} M_s (empty for t = T−1, so that term is
+    taken as λ ∂F/∂θ(h_{T−1}) without multiplying by I: the (d_θ × d)(d × d) products are the
+    whole cost at d = 256)."""
     xp, be = layer.xp, layer.backend
     n, d = hs[0].shape
     T = len(hs) - 1
     eye = xp.eye(d, dtype=hs[0].dtype)
-    P = xp.broadcast_to(eye, (n, d, d))                 # Π_{s=t+1}^{T−1} M_s, empty product = I
-    A = xp.zeros((n, layer.d_theta, d), dtype=hs[0].dtype)
-    A_x = xp.zeros((n, layer.d_x, d), dtype=hs[0].dtype)
+    all_live = bool(np.all(steps >= T))
+    P = None                                            # Π_{s=t+1}^{T−1} M_s; None: the empty product I
+    A = A_x = None                                      # Σ_t of the terms below (n, d_θ, d), (n, d_x, d)
     for t in range(T - 1, -1, -1):
-        live = be.from_host(steps > t)[:, None, None]
-        A = A + xp.where(live, lam * (layer.dF_dtheta(hs[t], x) @ P), 0.0)
-        A_x = A_x + xp.where(live, lam * (layer.dF_dx(hs[t], x) @ P), 0.0)
+        dF_dtheta, dF_dx = layer.dF_dtheta(hs[t], x), layer.dF_dx(hs[t], x)   # (n, d_θ, d), (n, d_x, d)
+        if P is None:
+            term, term_x = lam * dF_dtheta, lam * dF_dx
+        else:
+            term, term_x = dF_dtheta @ (lam * P), dF_dx @ (lam * P)
+        live = None if all_live else be.from_host(steps > t)[:, None, None]   # sample took step t
+        if live is not None:
+            term, term_x = xp.where(live, term, 0.0), xp.where(live, term_x, 0.0)
+        if A is None:
+            A, A_x = term, term_x
+        else:                                           # in place: A is ~d_θ·d·8 B (143 MB at d = 256)
+            A += term
+            A_x += term_x
         if t > 0:
             M_t = lam * layer.dF_dh(hs[t], x) + (1.0 - lam) * eye          # (n, d, d)
-            P = xp.where(live, M_t @ P, P)                                  # M_t M_{t+1} ⋯ M_{T−1}
+            MP = M_t if P is None else M_t @ P                              # M_t M_{t+1} ⋯ M_{T−1}
+            P = MP if live is None else xp.where(live, MP, eye if P is None else P)
     return A, A_x
 
 

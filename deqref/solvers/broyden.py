@@ -158,8 +158,8 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         dh, dg = h_new - h, g_new - g                          # (n, d)
         B_dg = B.matvec(dg)                                    # B_t⁻¹ Δg
         dhT_B = B.rmatvec(dh)                                  # (Δhᵀ B_t⁻¹)ᵀ = B_t⁻ᵀ Δh
-        den = xp.sum(dh * B_dg, axis=1)                        # Δhᵀ B_t⁻¹ Δg   (n,)
-        scale = xp.linalg.vector_norm(dh, axis=1) * xp.linalg.vector_norm(B_dg, axis=1)
+        den = xp.vecdot(dh, B_dg, axis=-1)                      # Δhᵀ B_t⁻¹ Δg   (n,)
+        scale = xp.sqrt(xp.vecdot(dh, dh, axis=-1) * xp.vecdot(B_dg, B_dg, axis=-1))  # ‖Δh‖ ‖B_t⁻¹ Δg‖
         ok = to_numpy(xp.abs(den) > skip_tol * scale)          # (n,) safe to divide by
         step = was_active & ~mon.newly_bad                     # a diverged step is undone
         n_skipped += step & ~ok
