@@ -158,8 +158,8 @@ class Layer:
                 n = v.shape[0]
 
     def preactivation(self, h, x):
-        """a = h Wᵀ + x Uᵀ + b   # (n, d)"""
-        return h @ self.W.T + x @ self.U.T + self.b
+        """a = h Wᵀ + (x Uᵀ + b)   # (n, d)   (summed in that order everywhere, ``bind`` included)"""
+        return h @ self.W.T + self.input_injection(x)
 
     def input_injection(self, x):
         """x Uᵀ + b, the part of the pre-activation that does not depend on h   # (n, d)"""
@@ -172,30 +172,30 @@ class Layer:
     def bind(self, x):
         """F(·, x) as a function of h alone: ``layer.bind(x)(h) == layer(h, x)``.
 
-        The product x Uᵀ does not depend on h, so a solver that calls F many times at one x
-        computes it once here (with d_x ≈ d that halves the work per call). The sum is taken
-        in ``preactivation``'s order, so the values are the same to the last bit.
+        The input injection c = x Uᵀ + b does not depend on h, so a solver that calls F many
+        times at one x computes it once here (with d_x ≈ d that halves the work per call). The
+        sum is taken in ``preactivation``'s order, so the values are the same to the last bit.
         """
-        xU = x @ self.U.T                                # (n, d)
-        W, b, sigma, xp = self.W, self.b, self._sigma, self.xp
-        return lambda h: sigma(xp, h @ W.T + xU + b)     # σ(h Wᵀ + x Uᵀ + b)   (n, d)
+        c = self.input_injection(x)                      # (n, d)
+        W, sigma, xp = self.W, self._sigma, self.xp
+        return lambda h: sigma(xp, h @ W.T + c)          # σ(h Wᵀ + x Uᵀ + b)   (n, d)
 
     def bind_with_prime(self, x):
         """h ↦ (F(h, x), σ'(a)) from one pre-activation a = h Wᵀ + x Uᵀ + b, x Uᵀ computed
         once (as in ``bind``): what an unrolled step keeps for its reverse pass."""
-        xU = x @ self.U.T                                # (n, d)
-        W, b, sigma, dsigma, xp = self.W, self.b, self._sigma, self._dsigma, self.xp
+        c = self.input_injection(x)                      # (n, d)
+        W, sigma, dsigma, xp = self.W, self._sigma, self._dsigma, self.xp
 
         def value_and_prime(h):
-            a = h @ W.T + xU + b                         # (n, d)
+            a = h @ W.T + c                              # (n, d)
             return sigma(xp, a), dsigma(xp, a)
         return value_and_prime
 
     def bind_prime(self, x):
         """σ'(· Wᵀ + x Uᵀ + b) as a function of h alone, x Uᵀ computed once (as in ``bind``)."""
-        xU = x @ self.U.T                                # (n, d)
-        W, b, dsigma, xp = self.W, self.b, self._dsigma, self.xp
-        return lambda h: dsigma(xp, h @ W.T + xU + b)   # (n, d)
+        c = self.input_injection(x)                      # (n, d)
+        W, dsigma, xp = self.W, self._dsigma, self.xp
+        return lambda h: dsigma(xp, h @ W.T + c)        # (n, d)
 
     def sigma_prime(self, h, x):
         """s = σ'(a) at a = h Wᵀ + x Uᵀ + b   # (n, d)"""
