@@ -103,3 +103,29 @@ def test_bad_mode(tmp_path):
     for name in NAMES:
         with pytest.raises(ValueError, match="mode"):
             EXPERIMENTS[name].run(tmp_path, seed=0, mode="fast")
+
+
+def test_machine_records_the_blas_kernel():
+    """The machine record names the BLAS kernel, the thing that decides a trained run's last bits.
+
+    Oracle: OpenBLAS's own override. A child process started with OPENBLAS_CORETYPE=Haswell must
+    record the Haswell kernel, and one with SkylakeX the SkylakeX kernel (OpenBLAS accepts an
+    override the CPU supports; both need an x86-64 CPU with AVX2, resp. AVX-512)."""
+    import os
+    import subprocess
+    import sys
+
+    from deqref.experiments.accuracy_speed import numerics
+    rec = numerics()
+    if not rec["blas_kernel"] or not rec["blas_kernel"][0].startswith("openblas"):
+        pytest.skip(f"BLAS is not OpenBLAS seen through threadpoolctl: {rec['blas_kernel']}")
+    want = {"Haswell": "X86_V3", "SkylakeX": "X86_V4"}
+    runnable = [k for k, feature in want.items() if feature in (rec["numpy_simd"] or [])]
+    if not runnable:
+        pytest.skip(f"this CPU runs neither kernel (NumPy SIMD: {rec['numpy_simd']})")
+    code = "from deqref.experiments.accuracy_speed import numerics; print(numerics()['blas_kernel'])"
+    for kernel in runnable:
+        env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout
+        assert kernel in out, (kernel, out)

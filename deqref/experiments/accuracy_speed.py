@@ -105,7 +105,35 @@ def machine() -> dict:
         pass
     load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"cpu": model, "cores": os.cpu_count(), "loadavg_1_5_15min": load,
-            "python": platform.python_version(), "numpy": np.__version__}
+            "python": platform.python_version(), "numpy": np.__version__, **numerics()}
+
+
+def numerics() -> dict:
+    """What fixes the last bits of a float64 result on this machine, so a trained run can be redone.
+
+    The same code and seed give bit-identical numbers only with the same BLAS kernel and the same
+    NumPy SIMD loops: OpenBLAS picks its kernel by CPU (override: ``OPENBLAS_CORETYPE``) and NumPy its
+    loops by CPU features (override: ``NPY_DISABLE_CPU_FEATURES``), and their results differ in the
+    last bit. The training experiments magnify one ulp into different trajectories (README,
+    "How far the trained numbers can be trusted"). Both come from optional or private interfaces
+    (threadpoolctl, installed with scikit-learn; NumPy's ``__cpu_features__``), so a missing one is
+    recorded as None rather than failing the run.
+    """
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}"
+                for p in threadpool_info() if p.get("user_api") == "blas"]
+    except ImportError:
+        blas = None
+    try:
+        try:
+            from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        except ImportError:   # NumPy < 2
+            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        simd = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    except ImportError:
+        simd = None
+    return {"blas_kernel": blas, "numpy_simd": simd}
 
 
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
