@@ -14,6 +14,16 @@ import time
 from pathlib import Path
 
 
+def _kernels_line() -> str:
+    """Which floating-point kernels made these numbers. The trained experiments depend on them in
+    the last bit, and chaotically from there (README, "How far the trained numbers can be trusted")."""
+    from .experiments.accuracy_speed import numerics
+    rec = numerics()
+    return (f"floating-point kernels: BLAS {rec['blas_kernel']}, NumPy SIMD {rec['numpy_simd']}. "
+            f"The committed figures used OpenBLAS's SkylakeX kernel and NumPy's AVX-512 loops; "
+            f"with others the trained experiments' numbers differ (see the README).")
+
+
 def _reproduce(args) -> int:
     from .experiments import EXPERIMENTS
     unknown = [n for n in args.names if n not in EXPERIMENTS]
@@ -29,6 +39,7 @@ def _reproduce(args) -> int:
         print(EXPERIMENTS[name].summary(data))
         print(f"  [{name}: {time.perf_counter() - t0:.1f} s, written to {out}/]\n")
     print(f"deqref reproduce: done in {time.perf_counter() - t_all:.1f} s")
+    print(_kernels_line())
     return 0
 
 

@@ -14,6 +14,8 @@ def test_reproduce_quick_writes_files(tmp_path, capsys):
     data = json.loads((tmp_path / "solver_traces.json").read_text())
     assert all(r["converged"] == r["n"] for r in data["rows"])
     assert (tmp_path / "solver_traces.png").stat().st_size > 1000
+    out = capsys.readouterr().out          # it ends by naming the kernels the numbers came from
+    assert out.splitlines()[-1].startswith("floating-point kernels: BLAS ")
 
 
 def test_unknown_experiment_is_an_error(capsys):
