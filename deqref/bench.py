@@ -32,13 +32,13 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from . import benchmarks_bare as bare
 from .backend import Backend, _load, to_numpy
+from .experiments.machine import blas_libraries, limit_blas_threads
 from .gradients import estimate, output
 from .heads import LinearHead, mse
 from .layers import Layer
@@ -109,15 +109,10 @@ def peak_bytes(fn) -> int:
 
 
 def _threads() -> int:
-    return int(os.environ.get("DEQREF_BENCH_THREADS", os.cpu_count() or 1))
-
-
-def _limit_threads(n: int):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return nullcontext()
-    return threadpool_limits(limits=n)
+    raw = os.environ.get("DEQREF_BENCH_THREADS", str(os.cpu_count() or 1))
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"DEQREF_BENCH_THREADS must be an integer >= 1, got {raw!r}")
+    return int(raw)
 
 
 # ------------------------------------------------------------------ the model
@@ -332,12 +327,10 @@ def machine(threads: int) -> dict:
                 info[key.strip()] = val.strip()
     except Exception:
         pass
-    try:
-        from threadpoolctl import threadpool_info
-        info["blas"] = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-                        for p in threadpool_info() if p.get("user_api") == "blas"]
-    except ImportError:
-        info["blas"] = None
+    libs = blas_libraries()
+    info["blas"] = None if libs is None else [
+        f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} ({p.get('num_threads')} threads)"
+        for p in libs]
     try:
         import torch
         info["torch"] = torch.__version__
@@ -475,7 +468,7 @@ def run(quick: bool = False, log=print) -> dict:
     except Exception:
         pass
     t_all = time.perf_counter()
-    with _limit_threads(threads):
+    with limit_blas_threads(threads):
         data["machine"] = machine(threads)
         log("bench: 1. backward cost per estimator (NumPy)")
         data["cost"] = cost(cpu, sizes, reps)

@@ -17,7 +17,7 @@ from pathlib import Path
 def _kernels_line() -> str:
     """Which floating-point kernels made these numbers. The trained experiments depend on them in
     the last bit, and chaotically from there (README, "How far the trained numbers can be trusted")."""
-    from .experiments.accuracy_speed import numerics
+    from .experiments.machine import numerics
     rec = numerics()
     return (f"floating-point kernels: BLAS {rec['blas_kernel']}, NumPy SIMD {rec['numpy_simd']}. "
             f"The committed figures used OpenBLAS's SkylakeX kernel and NumPy's AVX-512 loops; "

@@ -115,7 +115,7 @@ def test_machine_records_the_blas_kernel():
     import subprocess
     import sys
 
-    from deqref.experiments.accuracy_speed import numerics
+    from deqref.experiments.machine import numerics
     rec = numerics()
     if not rec["blas_kernel"] or not rec["blas_kernel"][0].startswith("openblas"):
         pytest.skip(f"BLAS is not OpenBLAS seen through threadpoolctl: {rec['blas_kernel']}")
@@ -123,9 +123,31 @@ def test_machine_records_the_blas_kernel():
     runnable = [k for k, feature in want.items() if feature in (rec["numpy_simd"] or [])]
     if not runnable:
         pytest.skip(f"this CPU runs neither kernel (NumPy SIMD: {rec['numpy_simd']})")
-    code = "from deqref.experiments.accuracy_speed import numerics; print(numerics()['blas_kernel'])"
+    code = "from deqref.experiments.machine import numerics; print(numerics()['blas_kernel'])"
     for kernel in runnable:
         env = {**os.environ, "OPENBLAS_CORETYPE": kernel}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                              check=True).stdout
         assert kernel in out, (kernel, out)
+
+
+def test_blas_thread_limit():
+    """limit_blas_threads(n) limits every loaded BLAS to n threads (threadpoolctl's own record is
+    the oracle) and restores them after; a count below 1 is an error naming the argument, and so
+    is a bad DEQREF_BENCH_THREADS."""
+    from deqref.bench import _threads
+    from deqref.experiments.machine import blas_threads, limit_blas_threads, one_blas_thread
+    with pytest.raises(ValueError, match="n: the number of BLAS threads"):
+        limit_blas_threads(0)
+    with pytest.raises(ValueError, match="n: the number of BLAS threads"):
+        limit_blas_threads(1.5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEQREF_BENCH_THREADS", "two")
+        with pytest.raises(ValueError, match="DEQREF_BENCH_THREADS"):
+            _threads()
+    before = blas_threads()
+    if not before:
+        pytest.skip("threadpoolctl sees no BLAS library")
+    with one_blas_thread():
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before

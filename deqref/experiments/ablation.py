@@ -58,8 +58,8 @@ import numpy as np
 
 from ..data import digits
 from ..train import DEQModel, TrainConfig, train
-from .accuracy_speed import FORWARD, IMPLICIT_ITERS, L_H_INIT, LR, machine
-from .complexity import _blas_threads, _one_blas_thread
+from .accuracy_speed import FORWARD, IMPLICIT_ITERS, L_H_INIT, LR
+from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=2, batch_size=64,
@@ -147,7 +147,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"],
                         "forward": {"solver": "broyden", **FORWARD},
                         "implicit_backward_iters": IMPLICIT_ITERS, "backend": "numpy float64",
-                        "blas_threads": _blas_threads(), "training_wall_s": wall},
+                        "blas_threads": blas_threads(), "training_wall_s": wall},
             "grid": {"ks": cfg["ks"], "lams_for_k": cfg["lams_for_k"], "k_for_lam": cfg["k_for_lam"],
                      "lams": cfg["lams"], "points": [list(p) for p in points]},
             "paper": PAPER,
@@ -188,7 +188,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     out.mkdir(parents=True, exist_ok=True)

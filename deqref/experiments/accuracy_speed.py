@@ -45,8 +45,6 @@ References
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -54,7 +52,7 @@ import numpy as np
 
 from ..data import Dataset, digits
 from ..train import DEQModel, TrainConfig, train
-from .complexity import _blas_threads, _one_blas_thread
+from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=2, batch_size=64),
@@ -93,47 +91,6 @@ def config(name: str, seed: int, epochs: int, batch_size: int) -> TrainConfig:
     return TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
                        batch_size=batch_size, seed=seed, quiet=True)
-
-
-def machine() -> dict:
-    """Where the times were taken: CPU model, core count, load averages (other processes share it)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {"cpu": model, "cores": os.cpu_count(), "loadavg_1_5_15min": load,
-            "python": platform.python_version(), "numpy": np.__version__, **numerics()}
-
-
-def numerics() -> dict:
-    """What fixes the last bits of a float64 result on this machine, so a trained run can be redone.
-
-    The same code and seed give bit-identical numbers only with the same BLAS kernel and the same
-    NumPy SIMD loops: OpenBLAS picks its kernel by CPU (override: ``OPENBLAS_CORETYPE``) and NumPy its
-    loops by CPU features (override: ``NPY_DISABLE_CPU_FEATURES``), and their results differ in the
-    last bit. The training experiments magnify one ulp into different trajectories (README,
-    "How far the trained numbers can be trusted"). Both come from optional or private interfaces
-    (threadpoolctl, installed with scikit-learn; NumPy's ``__cpu_features__``), so a missing one is
-    recorded as None rather than failing the run.
-    """
-    try:
-        from threadpoolctl import threadpool_info
-        blas = [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}"
-                for p in threadpool_info() if p.get("user_api") == "blas"]
-    except ImportError:
-        blas = None
-    try:
-        try:
-            from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-        except ImportError:   # NumPy < 2
-            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-        simd = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
-    except ImportError:
-        simd = None
-    return {"blas_kernel": blas, "numpy_simd": simd}
 
 
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
@@ -190,7 +147,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "loss": "cross-entropy", "optimizer": "adam", "lr": LR, "epochs": cfg["epochs"],
                         "batch_size": cfg["batch_size"], "forward": {"solver": "broyden", **FORWARD},
                         "implicit_backward_iters": IMPLICIT_ITERS, "backend": "numpy float64",
-                        "blas_threads": _blas_threads(),
+                        "blas_threads": blas_threads(),
                         "timer": "time.perf_counter per step, summed per epoch (evaluation excluded)"},
             "methods": methods}
 
@@ -199,7 +156,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import time
 import tracemalloc
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ import numpy as np
 from ..data import SYNTH_L_H, synthetic
 from ..gradients import estimate
 from ..solvers import solve
+from .machine import blas_threads, one_blas_thread
 
 MODES = {
     "quick": dict(d=32, n=8, grid=[1, 2, 4, 8], repeats=3),
@@ -139,16 +139,8 @@ def _verdict(claim: str, xs, ys) -> dict:
             "matches": g == ("O(1)" if claim == "O(1)" else "O(x)")}
 
 
-def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:                                  # optional: time with the default threads
-        return nullcontext()
-    return threadpool_limits(limits=1)
-
-
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     out.mkdir(parents=True, exist_ok=True)
     (out / "complexity.json").write_text(json.dumps(data, indent=1))
@@ -180,17 +172,9 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "h_star_iterations": int(h_result.n_iter.max()),
                         "timer": "median of time.perf_counter over repeats after one warm-up",
                         "memory": "tracemalloc peak above the start of the call",
-                        "backend": layer.backend.name, "blas_threads": _blas_threads()},
+                        "backend": layer.backend.name, "blas_threads": blas_threads()},
             "rows": rows}
     return data
-
-
-def _blas_threads():
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
-    return [p.get("num_threads") for p in threadpool_info() if p.get("user_api") == "blas"]
 
 
 def summary(data: dict) -> str:

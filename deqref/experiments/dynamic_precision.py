@@ -50,8 +50,7 @@ import numpy as np
 from ..data import digits
 from ..solvers import solve
 from ..train import DEQModel, TrainConfig, train
-from .accuracy_speed import machine
-from .complexity import _blas_threads, _one_blas_thread
+from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=1, batch_size=64),
@@ -150,7 +149,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "exact": "dense oracle Eq. (4) (scipy solve per sample) at the solver's h, same batch",
                         "upstream": "g = dL/dh at the solver's h for every estimator",
                         "cosine_of": "batch-summed dL/dtheta, theta = [vec W, vec U, b]",
-                        "backend": "numpy float64", "blas_threads": _blas_threads()},
+                        "backend": "numpy float64", "blas_threads": blas_threads()},
             "runs": runs,
             "paper": {"claims": ["phantom gradients keep a large cosine to the exact gradient along "
                                  "training (a descent direction)",
@@ -165,7 +164,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
     t0 = time.perf_counter()
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     data["setting"]["wall_s"] = time.perf_counter() - t0

@@ -48,8 +48,7 @@ import numpy as np
 
 from ..data import digits
 from ..train import DEQModel, TrainConfig, train
-from .accuracy_speed import machine
-from .complexity import _blas_threads, _one_blas_thread
+from .machine import blas_threads, machine, one_blas_thread
 from .dynamic_precision import HIST_KEYS, QUANTILES, forward_residual, overall, per_epoch
 
 # runs: (forward memory m, estimator trained with)
@@ -126,7 +125,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "quantiles": list(QUANTILES),
                         "exact": "dense oracle Eq. (4) (scipy solve per sample) at the solver's h, same batch",
                         "cosine_of": "batch-summed dL/dtheta, theta = [vec W, vec U, b]",
-                        "backend": "numpy float64", "blas_threads": _blas_threads()},
+                        "backend": "numpy float64", "blas_threads": blas_threads()},
             "runs": runs,
             "paper": {"claim": "the GDEQ gradient is quite close to the implicit gradient along "
                                "training (large cosine), so it still gives an ascent direction",
@@ -139,7 +138,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
     t0 = time.perf_counter()
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     data["setting"]["wall_s"] = time.perf_counter() - t0

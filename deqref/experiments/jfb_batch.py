@@ -64,8 +64,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..data import heat_transfer
 from ..train import DEQModel, TrainConfig, train
-from .accuracy_speed import machine
-from .complexity import _blas_threads, _one_blas_thread
+from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {"quick": dict(epochs=3), "default": dict(epochs=120), "full": dict(epochs=3000)}
 BATCH_SIZES = (2400, 1200, 600, 64, 32)      # 2400 = the whole training split: full batch
@@ -115,7 +114,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "activation": ACTIVATION, "L_h_init": L_H_INIT, "loss": "mse", "estimator": "jfb",
                         "solver": "fixed_point", **SOLVER_OPTIONS, "optimizer": "adam", "lr": LR,
                         "epochs": epochs, "paper_epochs": PAPER_EPOCHS, "batch_sizes": list(BATCH_SIZES),
-                        "backend": "numpy float64", "blas_threads": _blas_threads(),
+                        "backend": "numpy float64", "blas_threads": blas_threads(),
                         "timer": "time.perf_counter per step, summed per epoch (evaluation excluded)"},
             "constant_mse": float(np.var(y)),
             "paper": {"table1": PAPER_TABLE1, "lowest_loss_full_batch": 0.0005, "epochs": PAPER_EPOCHS},
@@ -126,7 +125,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
-    with _one_blas_thread():
+    with one_blas_thread():
         data = measure(seed, mode)
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
     out.mkdir(parents=True, exist_ok=True)
