@@ -149,10 +149,21 @@ def _is_backend_array(a, backend: Backend) -> bool:
     return type(a).__module__.startswith("array_api_strict")
 
 
+def _is_plain_ndarray(a) -> bool:
+    """``numpy.ndarray`` itself (or a ``numpy.memmap``, which computes like one). Other subclasses
+    are refused: ``numpy.matrix`` turns ``*`` into a matrix product and keeps every result 2-D,
+    a masked array silently skips entries, so the formulas here would not mean what they say."""
+    return type(a) is np.ndarray or isinstance(a, np.memmap)
+
+
 def backend_of(a) -> Backend:
-    """The backend an array belongs to (TypeError for anything else)."""
+    """The backend an array belongs to (TypeError for anything else, ndarray subclasses such as
+    ``numpy.matrix`` included)."""
     mod = type(a).__module__
     if isinstance(a, np.ndarray):
+        if not _is_plain_ndarray(a):
+            raise TypeError(f"expected a plain numpy.ndarray, got the subclass {mod}.{type(a).__name__}, "
+                            "whose * and @ do not follow array semantics (convert with numpy.asarray)")
         return _load("numpy")
     if mod.startswith("cupy"):
         return _load("cupy")
@@ -235,7 +246,26 @@ def check_shape(name: str, a, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {want}, got {tuple(a.shape)}")
 
 
+def check_backend(backend) -> Backend:
+    """``backend`` itself if it is a ``Backend``, the active backend for None; TypeError otherwise
+    (a name such as ``"numpy"`` goes through ``set_backend`` or ``use_backend``, not here)."""
+    if backend is None:
+        return get_backend()
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be None or a deqref.backend.Backend (from get_backend(), "
+                        f"set_backend(name) or use_backend(name)), got {type(backend).__name__} "
+                        f"{backend!r:.40}")
+    return backend
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed for ``numpy.random.default_rng``: an integer >= 0 (not a bool)."""
+    from .checks import check_int          # deqref.checks imports this module
+    return check_int(name, seed, minimum=0)
+
+
 def rng_normal(seed: int, shape: tuple, dtype: str = "float64", backend: Backend | None = None):
     """Standard normal draws from ``default_rng(seed)``, moved to the backend."""
-    be = backend or get_backend()
+    seed = check_seed(seed)
+    be = check_backend(backend)
     return be.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)

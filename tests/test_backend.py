@@ -107,3 +107,40 @@ def test_estimators_run_through_strict_namespace(form):
         numpy = run()
     for a, b in zip(strict, numpy):
         assert_close(a, b, 1e-12, "strict vs numpy")
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")     # np.matrix's own
+@pytest.mark.parametrize("make,kind", [(np.matrix, "numpy.matrix"),
+                                       (np.ma.masked_array, "numpy.ma.MaskedArray")])
+def test_ndarray_subclasses_are_refused_naming_the_argument(make, kind):
+    """np.matrix makes * a matrix product and keeps results 2-D; a masked array skips entries.
+    Neither may pass as an array: the formulas would silently mean something else."""
+    W = make(np.eye(2))
+    with pytest.raises(TypeError, match=rf"^W: expected a plain numpy.ndarray, got the subclass {kind}"):
+        B.namespace(W=W)
+    with pytest.raises(TypeError, match=rf"^W: .*{kind}"):
+        Layer(W, np.ones((2, 1)), np.zeros(2))
+    layer = Layer.random(2, 2, seed=0, backend=B._load("numpy"))
+    with pytest.raises(TypeError, match=rf"^x: .*{kind}"):
+        solve(layer, make(np.ones((3, 2))))
+
+
+def test_memmap_computes_like_an_ndarray(tmp_path):
+    """numpy.memmap is the one ndarray subclass accepted: its operators are the array ones."""
+    W = np.array([[0.5, 0.1], [-0.2, 0.3]])
+    mm = np.memmap(tmp_path / "W.bin", dtype="float64", mode="w+", shape=(2, 2))
+    mm[...] = W
+    a = Layer(mm, np.ones((2, 1)), np.zeros(2))
+    b = Layer(W, np.ones((2, 1)), np.zeros(2))
+    x, h = np.ones((3, 1)), np.full((3, 2), 0.25)
+    np.testing.assert_array_equal(a(h, x), b(h, x))       # the same operations, bit for bit
+
+
+def test_backend_argument_and_seed_are_checked():
+    with pytest.raises(TypeError, match="^backend must be None or a deqref.backend.Backend"):
+        Layer.random(3, 2, seed=0, backend="numpy")
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0, got -1$"):
+        B.rng_normal(-1, (2, 2))
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0, got True$"):
+        B.rng_normal(True, (2, 2))
+    assert B.check_backend(None) is B.get_backend()
