@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .backend import Backend, get_backend
+from .backend import DTYPES, Backend, check_backend, check_seed
+from .checks import check_bool, check_choice, check_int, check_real
 from .layers import Layer
 
 SYNTH_D, SYNTH_D_X, SYNTH_N, SYNTH_L_H = 64, 16, 32, 0.9
@@ -44,9 +45,8 @@ class Dataset:
         """The first ``n_train`` training and ``n_val`` (default ``n_train``) validation samples,
         on any backend (``x[:n, ...]``: the array API does not index a 2-D array with one slice)."""
         n_val = n_train if n_val is None else n_val
-        for name, n in (("n_train", n_train), ("n_val", n_val)):
-            if not isinstance(n, (int, np.integer)) or n < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        n_train = check_int("n_train", n_train, minimum=1, maximum=self.x_train.shape[0])
+        n_val = check_int("n_val", n_val, minimum=1, maximum=self.x_val.shape[0])
         take = lambda a, n: a[:n, ...] if a.ndim > 1 else a[:n]     # noqa: E731
         return replace(self, x_train=take(self.x_train, n_train), y_train=take(self.y_train, n_train),
                        x_val=take(self.x_val, n_val), y_val=take(self.y_val, n_val))
@@ -56,7 +56,8 @@ def synthetic(seed: int = 0, *, d: int = SYNTH_D, d_x: int = SYNTH_D_X, n: int =
               L_h: float = SYNTH_L_H, activation: str = "tanh", dtype: str = "float64",
               backend: Backend | None = None):
     """(layer, x, g): a seeded layer with ‖W‖₂ = L_h, inputs x (n, d_x), upstream g (n, d)."""
-    be = backend or get_backend()
+    seed, n = check_seed(seed), check_int("n", n, minimum=1)
+    be = check_backend(backend)
     layer = Layer.random(d, d_x, activation, seed=seed, L_h=L_h, dtype=dtype, backend=be)
     rng = np.random.default_rng(seed + 1)
     x = be.asarray(rng.standard_normal((n, d_x)), dtype)
@@ -64,10 +65,22 @@ def synthetic(seed: int = 0, *, d: int = SYNTH_D, d_x: int = SYNTH_D_X, n: int =
     return layer, x, g
 
 
-def _split(x, y, seed, val_fraction, shuffle_seed_offset=1000):
+def check_val_fraction(val_fraction, n: int) -> tuple:
+    """``val_fraction`` in (0, 1) such that both splits of n samples are non-empty:
+    returns (val_fraction, n_val) with n_val = round(val_fraction · n) in [1, n − 1]."""
+    val_fraction = check_real("val_fraction", val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+    n_val = int(round(val_fraction * n))
+    if not 1 <= n_val <= n - 1:
+        raise ValueError(f"val_fraction={val_fraction:g} of n={n} samples leaves an empty "
+                         f"{'validation' if n_val < 1 else 'training'} split (n_val = {n_val}); "
+                         "both splits need at least one sample")
+    return val_fraction, n_val
+
+
+def _split(x, y, seed, n_val, shuffle_seed_offset=1000):
+    """A seeded permutation; the first n_val samples are the validation split."""
     n = x.shape[0]
     perm = np.random.default_rng(seed + shuffle_seed_offset).permutation(n)
-    n_val = int(round(val_fraction * n))
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 
@@ -85,13 +98,20 @@ def heat_transfer(seed: int = 0, *, n: int = 3000, val_fraction: float = 0.2,
     Inputs are the raw room coordinates, as in the report (which mentions no scaling);
     ``standardize=True`` centres and scales them with the training split's statistics.
     """
-    be = backend or get_backend()
+    seed, n = check_seed(seed), check_int("n", n, minimum=2)
+    val_fraction, n_val = check_val_fraction(val_fraction, n)
+    standardize, dtype = check_bool("standardize", standardize), check_choice("dtype", dtype, DTYPES)
+    be = check_backend(backend)
     rng = np.random.default_rng(seed)
     p = rng.uniform(0.0, 1.0, size=(n, 3)) * np.array(ROOM)             # (n, 3)
     t = heat_transfer_target(p)[:, None]                                # (n, 1)
-    xtr, ytr, xva, yva = _split(p, t, seed, val_fraction)
+    xtr, ytr, xva, yva = _split(p, t, seed, n_val)
     if standardize:
         mu, sd = xtr.mean(axis=0), xtr.std(axis=0)
+        if not np.all(sd > 0):
+            raise ValueError(f"standardize=True needs training inputs that vary, but n={n} with "
+                             f"val_fraction={val_fraction:g} leaves {xtr.shape[0]} training sample(s), "
+                             "whose standard deviation is 0 (use a larger n or standardize=False)")
         xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
     return Dataset("heat_transfer", "regression", be.asarray(xtr, dtype), be.asarray(ytr, dtype),
                    be.asarray(xva, dtype), be.asarray(yva, dtype), 1,
@@ -106,11 +126,13 @@ def digits(seed: int = 0, *, val_fraction: float = 0.2, dtype: str = "float64",
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - a declared dependency
         raise ImportError("the digits data set needs scikit-learn (pip install scikit-learn)") from err
-    be = backend or get_backend()
+    seed, dtype = check_seed(seed), check_choice("dtype", dtype, DTYPES)
+    be = check_backend(backend)
     bunch = load_digits()
     x = bunch.data.astype(np.float64) / 16.0                           # (1797, 64)
     y = bunch.target.astype(np.int64)                                   # (1797,)
-    xtr, ytr, xva, yva = _split(x, y, seed, val_fraction)
+    val_fraction, n_val = check_val_fraction(val_fraction, len(y))
+    xtr, ytr, xva, yva = _split(x, y, seed, n_val)
     return Dataset("digits", "classification", be.asarray(xtr, dtype), be.from_host(ytr),
                    be.asarray(xva, dtype), be.from_host(yva), 10,
                    {"n": len(y), "val_fraction": val_fraction, "seed": seed, "metric": "accuracy"})

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import Backend, check_finite, check_shape, get_backend, namespace
+from .backend import DTYPES, Backend, backend_of, check_backend, check_finite, check_seed, check_shape, namespace
+from .checks import check_choice, check_int
 
 
 class LinearHead:
     """G(h) = h Vᵀ + c with V (q, d), c (q,)."""
 
     def __init__(self, V, c):
-        namespace(V=V, c=c)
+        namespace(V=V, c=c)                      # arrays of one backend and one float dtype
         check_shape("V", V, (None, None))
         check_shape("c", c, (V.shape[0],))
+        if V.shape[0] < 1 or V.shape[1] < 1:
+            raise ValueError(f"V must not be empty (q >= 1 outputs, d >= 1 inputs), got shape {tuple(V.shape)}")
         check_finite("V", V)
         check_finite("c", c)
         self.V, self.c = V, c
@@ -26,7 +29,9 @@ class LinearHead:
     def random(cls, d: int, q: int, *, seed: int, dtype: str = "float64",
                backend: Backend | None = None) -> "LinearHead":
         """V ~ N(0, 1/d) entries, c = 0, seeded."""
-        be = backend or get_backend()
+        d, q = check_int("d", d, minimum=1), check_int("q", q, minimum=1)
+        seed, dtype = check_seed(seed), check_choice("dtype", dtype, DTYPES)
+        be = check_backend(backend)
         V = np.random.default_rng(seed).standard_normal((q, d)) / np.sqrt(d)
         return cls(be.asarray(V, dtype), be.asarray(np.zeros(q), dtype))
 
@@ -38,16 +43,26 @@ class LinearHead:
 
     def backward(self, h, dL_dy):
         """Given ∂L/∂ŷ (n, q): returns ∂L/∂h (n, d) and ``{"V": (q, d), "c": (q,)}``."""
-        xp = namespace(h=h, dL_dy=dL_dy)
+        xp = namespace(V=self.V, h=h, dL_dy=dL_dy)
+        check_shape("h", h, (None, self.d))
         check_shape("dL_dy", dL_dy, (h.shape[0], self.q))
         return dL_dy @ self.V, {"V": dL_dy.T @ h, "c": xp.sum(dL_dy, axis=0)}
+
+
+def check_nonempty(name: str, a) -> None:
+    """A loss averages over n samples and q outputs: both must be >= 1 (n = 0 has no mean)."""
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one sample and one output (n >= 1, q >= 1), "
+                         f"got shape {tuple(a.shape)}")
 
 
 def mse(y_hat, y):
     """L = mean over all n·q entries of (ŷ − y)²; returns (L, ∂L/∂ŷ = 2(ŷ − y)/(n q))."""
     xp = namespace(y_hat=y_hat, y=y)
+    check_shape("y_hat", y_hat, (None, None))
     if tuple(y.shape) != tuple(y_hat.shape):
         raise ValueError(f"y must have the shape of y_hat {tuple(y_hat.shape)}, got {tuple(y.shape)}")
+    check_nonempty("y_hat", y_hat)
     r = y_hat - y                                              # (n, q)
     size = r.shape[0] * r.shape[1]
     return float(xp.sum(r * r)) / size, (2.0 / size) * r
@@ -67,11 +82,19 @@ def cross_entropy(logits, labels):
     """
     xp = namespace(logits=logits)
     check_shape("logits", logits, (None, None))
+    check_nonempty("logits", logits)
     n, q = logits.shape
+    try:
+        labels_backend = backend_of(labels).name
+    except TypeError as err:
+        raise TypeError(f"labels: {err}") from None
+    if labels_backend != backend_of(logits).name:
+        raise TypeError(f"labels is a {labels_backend} array but logits is a {backend_of(logits).name} "
+                        "array: mixing backends is not allowed (move labels with backend.from_host)")
     check_shape("labels", labels, (n,))
     if "int" not in str(labels.dtype):
         raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
-    if n and (int(xp.min(labels)) < 0 or int(xp.max(labels)) >= q):
+    if int(xp.min(labels)) < 0 or int(xp.max(labels)) >= q:
         raise ValueError(f"labels must lie in [0, {q}), got values outside it")
     onehot = xp.astype(labels[:, None] == xp.arange(q)[None, :], logits.dtype)   # (n, q)
     z = logits - xp.max(logits, axis=1, keepdims=True)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import (Backend, backend_of, check_finite, check_shape, dtype_name,
-                      get_backend, namespace, to_numpy)
+from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
+                      check_shape, dtype_name, namespace, to_numpy)
+from .checks import check_choice, check_int, check_real
 
 # ---------------------------------------------------------------- activations
 # Each entry: (σ(a), σ'(a)) written with the array namespace xp.
@@ -43,9 +44,7 @@ ACTIVATIONS = {
 
 
 def check_activation(activation: str) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
+    return check_choice("activation", activation, sorted(ACTIVATIONS))
 
 
 def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
@@ -53,10 +52,14 @@ def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
 
     With |σ'| ≤ 1 this makes F L_h-Lipschitz in h (the synthetic setting of [1], Sec. 3).
     """
-    if not (np.isfinite(L_h) and L_h > 0):
-        raise ValueError(f"L_h must be a positive finite number, got {L_h!r}")
+    L_h = check_real("L_h", L_h, lo=0, lo_open=True)
     W = np.asarray(W, dtype=np.float64)
-    return W * (L_h / np.linalg.norm(W, 2))
+    check_shape("W", W, (None, None))
+    check_finite("W", W)
+    norm = np.linalg.norm(W, 2)
+    if not norm > 0:
+        raise ValueError("W must be non-zero to be scaled to ‖W‖₂ = L_h, got W = 0")
+    return W * (L_h / norm)
 
 
 class Layer:
@@ -72,12 +75,16 @@ class Layer:
 
     def __init__(self, W, U, b, activation: str = "tanh"):
         self.activation = check_activation(activation)
-        self.xp = namespace(W=W, U=U, b=b)
+        self.xp = namespace(W=W, U=U, b=b)       # arrays of one backend and one float dtype
         check_shape("W", W, (None, None))
         d = W.shape[0]
         check_shape("W", W, (d, d))
         check_shape("U", U, (d, None))
         check_shape("b", b, (d,))
+        if d < 1:
+            raise ValueError(f"W must not be empty (d >= 1), got shape {tuple(W.shape)}")
+        if U.shape[1] < 1:
+            raise ValueError(f"U must have at least one column (d_x >= 1), got shape {tuple(U.shape)}")
         for name, a in (("W", W), ("U", U), ("b", b)):
             check_finite(name, a)
         self.W, self.U, self.b = W, U, b
@@ -95,10 +102,10 @@ class Layer:
         W, U have i.i.d. N(0, 1/d) (resp. N(0, 1/d_x)) entries before W is normalized;
         b ~ N(0, 0.1²). Draws come from ``numpy.random.default_rng(seed)``.
         """
-        for name, v in (("d", d), ("d_x", d_x)):
-            if not (isinstance(v, (int, np.integer)) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        be = backend or get_backend()
+        d, d_x = check_int("d", d, minimum=1), check_int("d_x", d_x, minimum=1)
+        check_activation(activation)
+        seed, dtype = check_seed(seed), check_choice("dtype", dtype, DTYPES)
+        be = check_backend(backend)
         rng = np.random.default_rng(seed)
         W = spectral_normalize(rng.standard_normal((d, d)) / np.sqrt(d), L_h)
         U = rng.standard_normal((d, d_x)) / np.sqrt(d_x)
@@ -117,6 +124,7 @@ class Layer:
 
     def unflatten(self, theta) -> dict:
         """Split a flat (d_θ,) vector into ``{"W": (d, d), "U": (d, d_x), "b": (d,)}``."""
+        namespace(W=self.W, theta=theta)
         check_shape("theta", theta, (self.d_theta,))
         d, d_x, xp = self.d, self.d_x, self.xp
         nW, nU = d * d, d * d_x
@@ -145,7 +153,7 @@ class Layer:
 
     # ------------------------------------------------------------ the value
     def check_inputs(self, x=None, **vectors):
-        """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes,
+        """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes, n >= 1,
         one backend and one dtype shared with the layer; errors name the argument."""
         namespace(W=self.W, x=x, **vectors)
         n = None
@@ -156,6 +164,9 @@ class Layer:
             if v is not None:
                 check_shape(name, v, (n, self.d))
                 n = v.shape[0]
+        if n == 0:
+            name, a = next((k, v) for k, v in (("x", x), *vectors.items()) if v is not None)
+            raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), got shape {tuple(a.shape)}")
 
     def preactivation(self, h, x):
         """a = h Wᵀ + (x Uᵀ + b)   # (n, d)   (summed in that order everywhere, ``bind`` included)"""

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import get_backend, namespace, to_numpy
+from .backend import DTYPES, check_backend, check_seed, get_backend, namespace, to_numpy
+from .checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
 from .heads import LinearHead, cross_entropy, mse
 from .layers import Layer
@@ -38,6 +39,11 @@ class DEQModel:
     """An implicit layer and a linear head. Parameters: W, U, b (layer) and V, c (head)."""
 
     def __init__(self, layer: Layer, head: LinearHead):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer must be a deqref.layers.Layer, got {type(layer).__name__}")
+        if not isinstance(head, LinearHead):
+            raise TypeError(f"head must be a deqref.heads.LinearHead, got {type(head).__name__}")
+        namespace(W=layer.W, V=head.V)           # one backend and one dtype for all parameters
         if head.d != layer.d:
             raise ValueError(f"head: expects d = {head.d} inputs but the layer has d = {layer.d}")
         self.layer, self.head = layer, head
@@ -45,7 +51,8 @@ class DEQModel:
     @classmethod
     def random(cls, d: int, d_x: int, q: int, activation: str = "tanh", *, seed: int,
                L_h: float = 0.9, dtype: str = "float64", backend=None) -> "DEQModel":
-        be = backend or get_backend()
+        seed = check_seed(seed)                  # the head's seed is seed + 7919
+        be = check_backend(backend)
         return cls(Layer.random(d, d_x, activation, seed=seed, L_h=L_h, dtype=dtype, backend=be),
                    LinearHead.random(d, q, seed=seed + 7919, dtype=dtype, backend=be))
 
@@ -65,7 +72,9 @@ class DEQModel:
     @classmethod
     def load(cls, path, *, dtype: str | None = None, backend=None) -> "DEQModel":
         """Load what ``save`` wrote, bit for bit, with ``allow_pickle=False``."""
-        be = backend or get_backend()
+        be = check_backend(backend)
+        if dtype is not None:
+            check_choice("dtype", dtype, DTYPES)
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("activation", "W", "U", "b", "V", "c") if k not in f]
             if missing:
@@ -81,11 +90,9 @@ class SGD:
     """θ ← θ − lr · v,  v ← μ v + ∇ (μ = momentum; μ = 0 is plain gradient descent)."""
 
     def __init__(self, lr: float = 1e-2, momentum: float = 0.0):
-        if not (lr > 0):
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if not (0 <= momentum < 1):
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.lr, self.momentum, self.v = lr, momentum, {}
+        self.lr = check_real("lr", lr, lo=0, lo_open=True)
+        self.momentum = check_real("momentum", momentum, lo=0, hi=1, hi_open=True)
+        self.v = {}
 
     def step(self, params: dict, grads: dict) -> dict:
         out = {}
@@ -101,12 +108,10 @@ class Adam:
     m ← β₁m + (1 − β₁)∇,  v ← β₂v + (1 − β₂)∇²,  θ ← θ − lr · m̂ / (√v̂ + ε)."""
 
     def __init__(self, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
-        if not (lr > 0):
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        for name, b in (("beta1", beta1), ("beta2", beta2)):
-            if not (0 <= b < 1):
-                raise ValueError(f"{name} must lie in [0, 1), got {b!r}")
-        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.lr = check_real("lr", lr, lo=0, lo_open=True)
+        self.beta1 = check_real("beta1", beta1, lo=0, hi=1, hi_open=True)
+        self.beta2 = check_real("beta2", beta2, lo=0, hi=1, hi_open=True)
+        self.eps = check_real("eps", eps, lo=0, lo_open=True)      # m̂ / (√v̂ + ε) with v̂ = 0
         self.m, self.v, self.t = {}, {}, 0
 
     def step(self, params: dict, grads: dict) -> dict:
@@ -143,9 +148,18 @@ class TrainConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator: unknown {self.estimator!r}; valid: {sorted(ESTIMATORS)}")
+        """Check every field; each error is one line naming the field (``train`` calls this).
+
+        Option *values* (``estimator_options``, ``solver_options``, ``probes``) are checked by the
+        estimator and the solver themselves, on the first batch; their *names* are checked here.
+        """
+        _check_known("estimator", self.estimator, ESTIMATORS)
+        _check_dict("estimator_options", self.estimator_options)
+        _check_dict("probes", self.probes)
         for label, opts in [(self.estimator, self.estimator_options), *self.probes.items()]:
+            if not isinstance(label, str):
+                raise TypeError(f"probes: labels must be strings, got {label!r}")
+            _check_dict(f"probes[{label!r}]", opts)
             name = label.split("@", 1)[0]
             if name not in ESTIMATORS:
                 raise ValueError(f"probes: unknown estimator {label!r}; valid: {sorted(ESTIMATORS)}, "
@@ -154,20 +168,32 @@ class TrainConfig:
             if bad:
                 raise TypeError(f"estimator_options: unknown option(s) {bad} for {name!r}; "
                                 f"valid: {list(estimator_options(name))}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver: unknown {self.solver!r}; valid: {sorted(SOLVERS)}")
+        _check_known("solver", self.solver, SOLVERS)
+        _check_dict("solver_options", self.solver_options)
         valid = [o for o in solver_options(self.solver) if o != "warn"]   # the trainer sets warn
         bad = sorted(set(self.solver_options) - set(valid))
         if bad:
             raise TypeError(f"solver_options: unknown option(s) {bad} for {self.solver!r}; valid: {valid}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be None (full batch) or an integer >= 1, got {self.batch_size!r}")
-        if self.spectral_norm is not None and not (self.spectral_norm > 0):
-            raise ValueError(f"spectral_norm must be None or > 0, got {self.spectral_norm!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_real("lr", self.lr, lo=0, lo_open=True)
+        check_real("momentum", self.momentum, lo=0, hi=1, hi_open=True)
+        check_int("epochs", self.epochs, minimum=1)
+        check_optional_int("batch_size", self.batch_size, minimum=1)
+        check_seed(self.seed)
+        if self.spectral_norm is not None:
+            check_real("spectral_norm", self.spectral_norm, lo=0, lo_open=True)
+        check_bool("track_cosine", self.track_cosine)
+        check_bool("quiet", self.quiet)
+
+
+def _check_known(field_name: str, value, known: dict) -> None:
+    if not isinstance(value, str) or value not in known:
+        raise ValueError(f"{field_name}: unknown {value!r}; valid: {sorted(known)}")
+
+
+def _check_dict(field_name: str, value) -> None:
+    if not isinstance(value, dict):
+        raise TypeError(f"{field_name} must be a dict, got {type(value).__name__} {value!r:.40}")
 
 
 # ---------------------------------------------------------------- the loop
@@ -215,6 +241,21 @@ def _project_spectral(W, bound):
     return W * (bound / s) if s > bound else W
 
 
+def _check_data(model: DEQModel, data) -> None:
+    """The data set fits the model: task, d_x, outputs, backend and dtype, non-empty splits."""
+    if not isinstance(model, DEQModel):
+        raise TypeError(f"model must be a deqref.train.DEQModel, got {type(model).__name__}")
+    check_choice("data.task", getattr(data, "task", None), ("regression", "classification"))
+    namespace(W=model.layer.W, x_train=data.x_train, x_val=data.x_val)
+    for name, x in (("data.x_train", data.x_train), ("data.x_val", data.x_val)):
+        if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != model.layer.d_x:
+            raise ValueError(f"{name} must have shape (n >= 1, {model.layer.d_x}) for this model "
+                             f"(its layer's d_x), got {tuple(x.shape)}")
+    if data.n_outputs != model.head.q:
+        raise ValueError(f"data.n_outputs = {data.n_outputs} but the model's head has q = "
+                         f"{model.head.q} outputs")
+
+
 def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     """Train ``model`` on ``data`` (a ``deqref.data.Dataset``) in place; return the history.
 
@@ -226,7 +267,10 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     probes' cosines (``probe_cosine``). "Exact" is the dense implicit gradient at h* for
     the same batch, with ∂L/∂h taken at h*.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a deqref.train.TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    _check_data(model, data)
     task = data.task
     n = data.x_train.shape[0]
     bs = n if cfg.batch_size is None else min(cfg.batch_size, n)

@@ -92,7 +92,7 @@ def test_bad_config_raises():
         train(model, small_digits(), TrainConfig(optimizer="lbfgs"))
     with pytest.raises(ValueError, match="batch_size must be None"):
         train(model, small_digits(), TrainConfig(batch_size=0))
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         Adam(lr=0.0)
 
 
