@@ -18,17 +18,18 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .backend import DTYPES, check_backend, check_seed, get_backend, namespace, to_numpy
+from .backend import DTYPES, backend_of, check_backend, check_seed, get_backend, namespace, to_numpy
 from .checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
 from .heads import LinearHead, cross_entropy, mse
 from .layers import Layer
-from .solvers import SOLVERS, solve, solver_options
+from .solvers import SOLVERS, ConvergenceWarning, solve, solver_options
 from .theory import cosine, epsilon
 
 OPTIMIZERS = ("adam", "sgd")
@@ -227,18 +228,71 @@ def _metric(task, y_hat, y) -> float:
 
 
 def evaluate(model: DEQModel, x, y, task: str, cfg: TrainConfig) -> dict:
-    """Loss and metric of the model at h* on (x, y), solved as in training."""
-    res = solve(model.layer, x, method=cfg.solver, warn=False, **cfg.solver_options)
+    """Loss and metric of the model at h* on (x, y), solved as in training.
+
+    ``converged`` is the fraction of samples whose forward solve converged and ``unconverged``
+    their number; the solver warns (``ConvergenceWarning``) when that number is not 0.
+    """
+    res = solve(model.layer, x, method=cfg.solver, warn=True, **cfg.solver_options)
     y_hat = model.head(res.h)
     loss, _ = _loss(task, y_hat, y)
     return {"loss": loss, "metric": _metric(task, y_hat, y), "iters": float(res.n_iter.mean()),
-            "converged": float(res.converged.mean())}
+            "converged": float(res.converged.mean()), "unconverged": int((~res.converged).sum())}
 
 
 def _project_spectral(W, bound):
     """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound (the spectral normalization of the synthetic setting)."""
     s = float(namespace(W=W).linalg.matrix_norm(W, ord=2))
     return W * (bound / s) if s > bound else W
+
+
+class _Recorded:
+    """Calls whose ``ConvergenceWarning``s are recorded instead of shown, so a run does not print
+    one warning per batch; ``train`` counts them and warns once at the end. Every other warning
+    is passed on, once per ``train`` call (the warnings module's own registries cannot do this:
+    they are cleared whenever the filters change, as ``catch_warnings`` does). The user's
+    filters still apply inside: ``warnings.simplefilter("error", ConvergenceWarning)`` stops
+    training at the first one."""
+
+    def __init__(self):
+        self.passed_on = set()    # each other warning is passed on once per train() call
+
+    def __call__(self, fn, *args, **kwargs):
+        """``(fn(*args, **kwargs), [messages of the ConvergenceWarnings it issued]])``"""
+        with warnings.catch_warnings(record=True) as caught:
+            out = fn(*args, **kwargs)
+        messages = []
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                messages.append(str(w.message))
+            elif (key := (str(w.message), w.category, w.filename, w.lineno)) not in self.passed_on:
+                self.passed_on.add(key)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out, messages
+
+
+# per-epoch convergence records of the history (see ``train``)
+CONVERGENCE_KEYS = ("forward_unconverged", "forward_unconverged_batches", "estimator_flagged",
+                    "estimator_flags", "probe_flagged", "val_unconverged")
+
+
+def _flags(grad, warned: list) -> list:
+    """The problems a gradient estimate reports: its ``flags`` (one line each), or the
+    ``ConvergenceWarning``s it issued when it carries no flags."""
+    return list(getattr(grad, "flags", ()) or warned)
+
+
+def _not_finite(arrays: dict) -> list:
+    """Names of the arrays that hold NaN or infinity."""
+    return [k for k, a in arrays.items() if not bool(backend_of(a).xp.all(backend_of(a).xp.isfinite(a)))]
+
+
+def _diverged(hist: dict, epoch: int, batch: int, what: str, cfg: TrainConfig) -> FloatingPointError:
+    err = FloatingPointError(f"training diverged at epoch {epoch}, batch {batch}: {what} "
+                             f"(estimator {cfg.estimator!r}, lr {cfg.lr:g}); training stopped, "
+                             "the history of the finished epochs is on this error's .history")
+    err.history = hist
+    return err
 
 
 def _check_data(model: DEQModel, data) -> None:
@@ -256,16 +310,71 @@ def _check_data(model: DEQModel, data) -> None:
                          f"{model.head.q} outputs")
 
 
+def _summary(hist: dict, cfg: TrainConfig, n_batches: int) -> str | None:
+    """One line on every non-converged solve and flagged estimate of a run, or None."""
+    parts = []
+
+    def tally(key):
+        v = hist[key]
+        return sum(v), sum(1 for c in v if c)
+
+    s, e = tally("forward_unconverged")
+    if s:
+        b, _ = tally("forward_unconverged_batches")
+        parts.append(f"the forward solve ({cfg.solver}) did not converge for {s} sample(s) in {b} of "
+                     f"{n_batches * cfg.epochs} batches, over {e} of {cfg.epochs} epoch(s)")
+    b, e = tally("estimator_flagged")
+    if b:
+        first = hist["flag_examples"][0] if hist["flag_examples"] else ""
+        parts.append(f"the estimator {cfg.estimator!r} was flagged in {b} batch(es) over {e} "
+                     f"epoch(s) (first: {first})")
+    b, e = tally("probe_flagged")
+    if b:
+        parts.append(f"the probes or the exact reference were flagged in {b} batch(es) over {e} "
+                     "epoch(s)")
+    s, e = tally("val_unconverged")
+    if s:
+        parts.append(f"on the validation set the forward solve did not converge for {s} sample(s) "
+                     f"over {e} epoch(s)")
+    if not parts:
+        return None
+    return ("train: " + "; ".join(parts) + ". Per-epoch counts: the history's "
+            + ", ".join(CONVERGENCE_KEYS) + ".")
+
+
 def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     """Train ``model`` on ``data`` (a ``deqref.data.Dataset``) in place; return the history.
 
     The history holds, per epoch: train_loss (sample-weighted mean over the epoch's
     batches), train_metric, val_loss, val_metric, time_forward, time_backward, time_epoch
     (forward + backward + update; evaluation and probes are not timed), forward_iters,
-    forward_converged; and per step (when asked) the cosine to the exact gradient
-    (``step_cosine``), Theorem 3's ε = ‖estimate − exact‖ (``step_epsilon``) and the
-    probes' cosines (``probe_cosine``). "Exact" is the dense implicit gradient at h* for
-    the same batch, with ∂L/∂h taken at h*.
+    forward_converged (the fraction of training samples whose forward solve converged); and
+    per step (when asked) the cosine to the exact gradient (``step_cosine``), Theorem 3's
+    ε = ‖estimate − exact‖ (``step_epsilon``) and the probes' cosines (``probe_cosine``).
+    "Exact" is the dense implicit gradient at h* for the same batch, with ∂L/∂h taken at h*.
+
+    Convergence is recorded, not assumed. Per epoch (integers):
+
+    - ``forward_unconverged``: training samples whose forward solve did not converge (summed
+      over the epoch's batches); ``forward_unconverged_batches``: batches with at least one;
+    - ``estimator_flagged``: batches whose gradient estimate was flagged (``Gradient.flags``
+      not empty, or a ``ConvergenceWarning`` from ``output``/``estimate``); ``estimator_flags``:
+      the number of flag lines. An estimator is given the forward solve, so a batch whose
+      forward solve did not converge may be flagged for that too;
+    - ``probe_flagged``: batches in which a probe or the exact reference (``track_cosine``)
+      was flagged;
+    - ``val_unconverged``: validation samples whose forward solve did not converge;
+
+    and ``flag_examples``: the first few distinct flag lines of the run. The solvers' and
+    estimators' ``ConvergenceWarning``s are recorded, not shown, during the run; if any count
+    is not 0, ``train`` ends with ONE ``ConvergenceWarning`` that sums them up. Warning filters
+    still apply: under ``warnings.simplefilter("error", deqref.ConvergenceWarning)`` training
+    stops with the first one.
+
+    A non-finite loss, a non-finite gradient estimate (the estimator's ``FloatingPointError``)
+    or non-finite updated parameters stop training with a ``FloatingPointError`` naming the
+    epoch, the batch and what is not finite; the history of the finished epochs is on the
+    error's ``history`` attribute. Training never goes on with NaN.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a deqref.train.TrainConfig, got {type(cfg).__name__}")
@@ -280,16 +389,19 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     be = get_backend()
     hist = {k: [] for k in ("train_loss", "train_metric", "val_loss", "val_metric", "time_forward",
                             "time_backward", "time_epoch", "forward_iters", "forward_converged",
-                            "cosine_mean")}
+                            "cosine_mean", *CONVERGENCE_KEYS)}
+    hist["flag_examples"] = []
     hist["step_cosine"], hist["step_epsilon"] = [], []
     hist["probe_cosine"] = {name: [] for name in cfg.probes}
     hist["config"] = asdict(cfg)
+    recorded = _Recorded()
     bar = _Progress(cfg.epochs, cfg.quiet)
     for epoch in range(cfg.epochs):
         perm = be.from_host(rng.permutation(n)) if bs < n else None
         t_fwd = t_bwd = t_upd = 0.0
         loss_sum = metric_sum = iters = conv = 0.0
         cos_epoch = []
+        count = dict.fromkeys(CONVERGENCE_KEYS, 0)
         for i in range(n_batches):
             if perm is None:
                 xb, yb = data.x_train, data.y_train
@@ -299,49 +411,75 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
             m = xb.shape[0]
             layer, head = model.layer, model.head
             t0 = time.perf_counter()
-            res = solve(layer, xb, method=cfg.solver, warn=False, **cfg.solver_options)
-            h_out = output(cfg.estimator, layer, xb, res, **cfg.estimator_options)
+            res, _ = recorded(solve, layer, xb, method=cfg.solver, warn=True, **cfg.solver_options)
+            h_out, warned = recorded(output, cfg.estimator, layer, xb, res, **cfg.estimator_options)
             y_hat = head(h_out)
             loss, dy = _loss(task, y_hat, yb)
             t1 = time.perf_counter()
+            if not math.isfinite(loss):
+                raise _diverged(hist, epoch, i, f"the loss is not finite ({loss})", cfg)
             dh, head_grads = head.backward(h_out, dy)
-            est = estimate(cfg.estimator, layer, xb, res, dh, **cfg.estimator_options)
+            try:
+                est, warned_est = recorded(estimate, cfg.estimator, layer, xb, res, dh,
+                                           **cfg.estimator_options)
+            except FloatingPointError as err:                     # a non-finite estimate
+                raise _diverged(hist, epoch, i, str(err), cfg) from err
             t2 = time.perf_counter()
             grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
             new = opt.step(model.params(), grads)
             if cfg.spectral_norm is not None:
                 new["W"] = _project_spectral(new["W"], cfg.spectral_norm)
             t3 = time.perf_counter()
+            bad = _not_finite(new)                                 # not timed
+            if bad:
+                raise _diverged(hist, epoch, i, f"the updated parameter(s) {bad} are not finite", cfg)
+            flags = _flags(est, warned + warned_est)
+            unconverged = int((~res.converged).sum())
+            count["forward_unconverged"] += unconverged
+            count["forward_unconverged_batches"] += int(unconverged > 0)
+            count["estimator_flagged"] += int(bool(flags))
+            count["estimator_flags"] += len(flags)
+            for line in flags:
+                if len(hist["flag_examples"]) < 5 and line not in hist["flag_examples"]:
+                    hist["flag_examples"].append(line)
             if cfg.track_cosine or cfg.probes:                    # not timed
                 dh_star, _ = head.backward(res.h, _loss(task, head(res.h), yb)[1])
-                exact = implicit_dense(layer, xb, res.h, dh_star).theta
+                exact, warned_probe = recorded(implicit_dense, layer, xb, res.h, dh_star)
+                flagged = bool(_flags(exact, warned_probe))
                 if cfg.track_cosine:
-                    c = cosine(est.theta, exact)
+                    c = cosine(est.theta, exact.theta)
                     hist["step_cosine"].append(c)
-                    hist["step_epsilon"].append(epsilon(est.theta, exact))   # Theorem 3's ε
+                    hist["step_epsilon"].append(epsilon(est.theta, exact.theta))   # Theorem 3's ε
                     cos_epoch.append(c)
                 for label, opts in cfg.probes.items():
-                    probe = estimate(label.split("@", 1)[0], layer, xb, res, dh_star, **opts).theta
-                    hist["probe_cosine"][label].append(cosine(probe, exact))
+                    probe, warned_probe = recorded(estimate, label.split("@", 1)[0], layer, xb, res,
+                                                   dh_star, **opts)
+                    flagged = flagged or bool(_flags(probe, warned_probe))
+                    hist["probe_cosine"][label].append(cosine(probe.theta, exact.theta))
+                count["probe_flagged"] += int(flagged)
             model.set_params(new)
             t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
             loss_sum += loss * m
             metric_sum += _metric(task, y_hat, yb) * m
             iters += float(res.n_iter.mean()) * m
             conv += float(res.converged.mean()) * m
-        val = evaluate(model, data.x_val, data.y_val, task, cfg)
+        val, _ = recorded(evaluate, model, data.x_val, data.y_val, task, cfg)
+        count["val_unconverged"] = val["unconverged"]
         for k, v in (("train_loss", loss_sum / n), ("train_metric", metric_sum / n),
                      ("val_loss", val["loss"]), ("val_metric", val["metric"]),
                      ("time_forward", t_fwd), ("time_backward", t_bwd),
                      ("time_epoch", t_fwd + t_bwd + t_upd), ("forward_iters", iters / n),
                      ("forward_converged", conv / n),
-                     ("cosine_mean", float(np.mean(cos_epoch)) if cos_epoch else None)):
+                     ("cosine_mean", float(np.mean(cos_epoch)) if cos_epoch else None),
+                     *count.items()):
             hist[k].append(v)
         if not all(np.isfinite([loss_sum, val["loss"]])):
-            raise FloatingPointError(f"training diverged at epoch {epoch}: loss is not finite "
-                                     f"(estimator {cfg.estimator!r}, lr {cfg.lr})")
+            raise _diverged(hist, epoch, n_batches - 1, "the validation loss is not finite", cfg)
         bar.update(epoch + 1, f"loss {loss_sum / n:.4g} val {val['metric']:.3f}")
     bar.close()
+    summary = _summary(hist, cfg, n_batches)
+    if summary:
+        warnings.warn(summary, ConvergenceWarning, stacklevel=2)
     return hist
 
 
