@@ -162,8 +162,9 @@ def backend_of(a) -> Backend:
     mod = type(a).__module__
     if isinstance(a, np.ndarray):
         if not _is_plain_ndarray(a):
-            raise TypeError(f"expected a plain numpy.ndarray, got the subclass {mod}.{type(a).__name__}, "
-                            "whose * and @ do not follow array semantics (convert with numpy.asarray)")
+            raise TypeError(f"expected a plain numpy.ndarray, got the subclass "
+                            f"{mod}.{type(a).__name__}, whose * and @ do not follow array "
+                            "semantics (convert with numpy.asarray)")
         return _load("numpy")
     if mod.startswith("cupy"):
         return _load("cupy")

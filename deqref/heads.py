@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import DTYPES, Backend, backend_of, check_backend, check_finite, check_seed, check_shape, namespace
+from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
+                      check_shape, namespace)
 from .checks import check_choice, check_int
 
 
@@ -19,7 +20,8 @@ class LinearHead:
         check_shape("V", V, (None, None))
         check_shape("c", c, (V.shape[0],))
         if V.shape[0] < 1 or V.shape[1] < 1:
-            raise ValueError(f"V must not be empty (q >= 1 outputs, d >= 1 inputs), got shape {tuple(V.shape)}")
+            raise ValueError(f"V must not be empty (q >= 1 outputs, d >= 1 inputs), "
+                             f"got shape {tuple(V.shape)}")
         check_finite("V", V)
         check_finite("c", c)
         self.V, self.c = V, c

@@ -166,7 +166,8 @@ class Layer:
                 n = v.shape[0]
         if n == 0:
             name, a = next((k, v) for k, v in (("x", x), *vectors.items()) if v is not None)
-            raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), got shape {tuple(a.shape)}")
+            raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), "
+                             f"got shape {tuple(a.shape)}")
 
     def preactivation(self, h, x):
         """a = h Wᵀ + (x Uᵀ + b)   # (n, d)   (summed in that order everywhere, ``bind`` included)"""

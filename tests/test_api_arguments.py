@@ -150,7 +150,8 @@ def test_losses_refuse_an_empty_batch(arr, be):
 
 def test_head_weights_are_checked():
     raises_one_line(TypeError, "V", lambda: LinearHead([[1.0, 0.0]], np.zeros(1)), "got list")
-    raises_one_line(ValueError, "V", lambda: LinearHead(np.zeros((0, 2)), np.zeros(0)), "must not be empty")
+    raises_one_line(ValueError, "V", lambda: LinearHead(np.zeros((0, 2)), np.zeros(0)),
+                    "must not be empty")
 
 
 def n_val_of(n, val_fraction):
