@@ -27,6 +27,7 @@ import numpy as np
 from .backend import DTYPES, backend_of, check_backend, check_seed, get_backend, namespace, to_numpy
 from .checks import check_bool, check_choice, check_int, check_optional_int, check_real
 from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
+from .gradients import base as gradient_base
 from .heads import LinearHead, cross_entropy, mse
 from .layers import Layer
 from .solvers import SOLVERS, ConvergenceWarning, solve, solver_options
@@ -276,10 +277,15 @@ CONVERGENCE_KEYS = ("forward_unconverged", "forward_unconverged_batches", "estim
                     "estimator_flags", "probe_flagged", "val_unconverged")
 
 
-def _flags(grad, warned: list) -> list:
-    """The problems a gradient estimate reports: its ``flags`` (one line each), or the
-    ``ConvergenceWarning``s it issued when it carries no flags."""
-    return list(getattr(grad, "flags", ()) or warned)
+def _flags(grad, warned: list, res) -> list:
+    """The problems a gradient estimate reports beyond its forward solve: its ``flags`` (one
+    line each), or the ``ConvergenceWarning``s it issued when it carries no flags, less the line
+    that only repeats that the forward solve ``res`` did not converge (counted on its own)."""
+    lines = list(getattr(grad, "flags", ()) or warned)
+    forward_flag = getattr(gradient_base, "forward_flag", None)
+    if forward_flag is not None and hasattr(grad, "name"):
+        lines = [f for f in lines if f != forward_flag(grad.name, res)]
+    return lines
 
 
 def _not_finite(arrays: dict) -> list:
@@ -358,9 +364,10 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     - ``forward_unconverged``: training samples whose forward solve did not converge (summed
       over the epoch's batches); ``forward_unconverged_batches``: batches with at least one;
     - ``estimator_flagged``: batches whose gradient estimate was flagged (``Gradient.flags``
-      not empty, or a ``ConvergenceWarning`` from ``output``/``estimate``); ``estimator_flags``:
-      the number of flag lines. An estimator is given the forward solve, so a batch whose
-      forward solve did not converge may be flagged for that too;
+      not empty, or a ``ConvergenceWarning`` from ``output``/``estimate``), e.g. an adjoint
+      solve that did not converge; ``estimator_flags``: the number of flag lines. The flag
+      that only repeats that the batch's forward solve did not converge is not counted here
+      (``forward_unconverged`` has it);
     - ``probe_flagged``: batches in which a probe or the exact reference (``track_cosine``)
       was flagged;
     - ``val_unconverged``: validation samples whose forward solve did not converge;
@@ -433,7 +440,7 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
             bad = _not_finite(new)                                 # not timed
             if bad:
                 raise _diverged(hist, epoch, i, f"the updated parameter(s) {bad} are not finite", cfg)
-            flags = _flags(est, warned + warned_est)
+            flags = _flags(est, warned + warned_est, res)
             unconverged = int((~res.converged).sum())
             count["forward_unconverged"] += unconverged
             count["forward_unconverged_batches"] += int(unconverged > 0)
@@ -445,7 +452,7 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
             if cfg.track_cosine or cfg.probes:                    # not timed
                 dh_star, _ = head.backward(res.h, _loss(task, head(res.h), yb)[1])
                 exact, warned_probe = recorded(implicit_dense, layer, xb, res.h, dh_star)
-                flagged = bool(_flags(exact, warned_probe))
+                flagged = bool(_flags(exact, warned_probe, res))
                 if cfg.track_cosine:
                     c = cosine(est.theta, exact.theta)
                     hist["step_cosine"].append(c)
@@ -454,7 +461,7 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
                 for label, opts in cfg.probes.items():
                     probe, warned_probe = recorded(estimate, label.split("@", 1)[0], layer, xb, res,
                                                    dh_star, **opts)
-                    flagged = flagged or bool(_flags(probe, warned_probe))
+                    flagged = flagged or bool(_flags(probe, warned_probe, res))
                     hist["probe_cosine"][label].append(cosine(probe.theta, exact.theta))
                 count["probe_flagged"] += int(flagged)
             model.set_params(new)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import deqref.train as T
+from deqref.gradients import base as gradient_base
 from deqref.data import digits, heat_transfer
 from deqref.heads import LinearHead
 from deqref.layers import Layer
@@ -85,6 +86,9 @@ def test_one_warning_per_run_not_one_per_batch(tmp_path):
     assert hist["forward_unconverged_batches"] == [N_BATCHES, N_BATCHES]
     assert hist["forward_converged"] == [0.0, 0.0]
     assert hist["val_unconverged"] == [128, 128]
+    if hasattr(gradient_base, "forward_flag"):
+        # JFB has no inner solve: its only flag repeats the forward one, counted above
+        assert hist["estimator_flagged"] == [0, 0] and hist["flag_examples"] == []
     assert all(0 <= b <= N_BATCHES for b in hist["estimator_flagged"])
     (summary,) = convergence_warnings(caught)
     text = str(summary.message)
@@ -136,6 +140,27 @@ def test_flagged_estimates_are_counted(monkeypatch, with_flags):
                                          "fake: adjoint did not converge at call 3"]
     (summary,) = convergence_warnings(caught)
     assert "flagged in 4 batch(es) over 2 epoch(s) (first: fake: adjoint" in str(summary.message)
+
+
+def test_the_forward_flag_is_not_counted_twice(monkeypatch):
+    """An estimator flags a batch whose forward solve did not converge (it is given that
+    solve); that line is in forward_unconverged already, so only the other lines count."""
+    if not hasattr(gradient_base, "forward_flag"):
+        pytest.skip("the estimators do not flag the forward solve here")
+    real = T.estimate
+
+    def estimate(name, layer, x, result, grad_h, **kwargs):
+        g = types.SimpleNamespace(**vars(real(name, layer, x, result, grad_h, **kwargs)))
+        forward = gradient_base.forward_flag(g.name, result)
+        g.flags = tuple(f for f in (forward, "fake: the adjoint diverged") if f)
+        return g
+    monkeypatch.setattr(T, "estimate", estimate)
+    cfg = config(estimator="jfb", solver_options={"tol": 0.0, "max_iter": 1})
+    hist, _ = run_recording(cfg)
+    assert hist["forward_unconverged_batches"] == [N_BATCHES, N_BATCHES]
+    assert hist["estimator_flagged"] == [N_BATCHES, N_BATCHES]
+    assert hist["estimator_flags"] == [N_BATCHES, N_BATCHES]      # one line each, not two
+    assert hist["flag_examples"] == ["fake: the adjoint diverged"]
 
 
 def test_probes_flags_are_counted_apart(monkeypatch):
