@@ -34,6 +34,7 @@ from .solvers import SOLVERS, ConvergenceWarning, solve, solver_options
 from .theory import cosine, epsilon
 
 OPTIMIZERS = ("adam", "sgd")
+TASKS = ("regression", "classification")
 
 
 # ---------------------------------------------------------------- the model
@@ -234,6 +235,7 @@ def evaluate(model: DEQModel, x, y, task: str, cfg: TrainConfig) -> dict:
     ``converged`` is the fraction of samples whose forward solve converged and ``unconverged``
     their number; the solver warns (``ConvergenceWarning``) when that number is not 0.
     """
+    check_choice("task", task, TASKS)
     res = solve(model.layer, x, method=cfg.solver, warn=True, **cfg.solver_options)
     y_hat = model.head(res.h)
     loss, _ = _loss(task, y_hat, y)
@@ -305,7 +307,7 @@ def _check_data(model: DEQModel, data) -> None:
     """The data set fits the model: task, d_x, outputs, backend and dtype, non-empty splits."""
     if not isinstance(model, DEQModel):
         raise TypeError(f"model must be a deqref.train.DEQModel, got {type(model).__name__}")
-    check_choice("data.task", getattr(data, "task", None), ("regression", "classification"))
+    check_choice("data.task", getattr(data, "task", None), TASKS)
     namespace(W=model.layer.W, x_train=data.x_train, x_val=data.x_val)
     for name, x in (("data.x_train", data.x_train), ("data.x_val", data.x_val)):
         if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != model.layer.d_x:

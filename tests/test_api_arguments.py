@@ -8,7 +8,7 @@ from deqref.data import digits, heat_transfer, synthetic
 from deqref.heads import LinearHead, cross_entropy, mse
 from deqref.layers import Layer, spectral_normalize
 from deqref.solvers import solve
-from deqref.train import SGD, Adam, DEQModel, TrainConfig, train
+from deqref.train import SGD, Adam, DEQModel, TrainConfig, evaluate, train
 from conftest import host
 
 DIGITS = digits(seed=0)
@@ -208,3 +208,6 @@ def test_data_and_model_must_fit_each_other():
                                                                 small, cfg), "q = 3")
     raises_one_line(TypeError, "cfg", lambda: train(DEQModel.random(4, 64, 10, seed=0), small,
                                                     {"epochs": 1}))
+    raises_one_line(ValueError, "task", lambda: evaluate(DEQModel.random(4, 64, 10, seed=0),
+                                                         small.x_val, small.y_val, "regresion", cfg),
+                    "one of ('regression', 'classification')")
