@@ -209,6 +209,15 @@ def namespace(**arrays) -> ModuleType:
     return first_backend.xp
 
 
+def require_arrays(**arrays) -> ModuleType:
+    """``namespace`` for arguments that are all required: None is refused naming it
+    (``namespace`` skips None, for optional arrays such as ``h0``)."""
+    for name, a in arrays.items():
+        if a is None:
+            raise TypeError(f"{name}: expected a NumPy, CuPy or array-api-strict array, got None")
+    return namespace(**arrays)
+
+
 def to_numpy(a) -> np.ndarray:
     """Copy any backend array to a NumPy array on the host."""
     if isinstance(a, np.ndarray):

@@ -42,10 +42,14 @@ class Dataset:
         return self.x_train.shape[1]
 
     def subset(self, n_train: int, n_val: int | None = None) -> "Dataset":
-        """The first ``n_train`` training and ``n_val`` (default ``n_train``) validation samples,
-        on any backend (``x[:n, ...]``: the array API does not index a 2-D array with one slice)."""
-        n_val = n_train if n_val is None else n_val
+        """The first ``n_train`` training and ``n_val`` validation samples, on any backend
+        (``x[:n, ...]``: the array API does not index a 2-D array with one slice).
+
+        Asking for more samples than a split holds is an error; left out, ``n_val`` is
+        ``n_train`` or the whole validation split if that is smaller."""
         n_train = check_int("n_train", n_train, minimum=1, maximum=self.x_train.shape[0])
+        if n_val is None:
+            n_val = min(n_train, self.x_val.shape[0])
         n_val = check_int("n_val", n_val, minimum=1, maximum=self.x_val.shape[0])
         take = lambda a, n: a[:n, ...] if a.ndim > 1 else a[:n]     # noqa: E731
         return replace(self, x_train=take(self.x_train, n_train), y_train=take(self.y_train, n_train),

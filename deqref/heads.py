@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
-                      check_shape, namespace)
+                      check_shape, require_arrays)
 from .checks import check_choice, check_int
 
 
@@ -16,7 +16,7 @@ class LinearHead:
     """G(h) = h Vᵀ + c with V (q, d), c (q,)."""
 
     def __init__(self, V, c):
-        namespace(V=V, c=c)                      # arrays of one backend and one float dtype
+        require_arrays(V=V, c=c)                 # arrays of one backend and one float dtype
         check_shape("V", V, (None, None))
         check_shape("c", c, (V.shape[0],))
         if V.shape[0] < 1 or V.shape[1] < 1:
@@ -39,13 +39,13 @@ class LinearHead:
 
     def __call__(self, h):
         """ŷ = h Vᵀ + c   # (n, q)"""
-        namespace(V=self.V, h=h)
+        require_arrays(V=self.V, h=h)
         check_shape("h", h, (None, self.d))
         return h @ self.V.T + self.c
 
     def backward(self, h, dL_dy):
         """Given ∂L/∂ŷ (n, q): returns ∂L/∂h (n, d) and ``{"V": (q, d), "c": (q,)}``."""
-        xp = namespace(V=self.V, h=h, dL_dy=dL_dy)
+        xp = require_arrays(V=self.V, h=h, dL_dy=dL_dy)
         check_shape("h", h, (None, self.d))
         check_shape("dL_dy", dL_dy, (h.shape[0], self.q))
         return dL_dy @ self.V, {"V": dL_dy.T @ h, "c": xp.sum(dL_dy, axis=0)}
@@ -60,7 +60,7 @@ def check_nonempty(name: str, a) -> None:
 
 def mse(y_hat, y):
     """L = mean over all n·q entries of (ŷ − y)²; returns (L, ∂L/∂ŷ = 2(ŷ − y)/(n q))."""
-    xp = namespace(y_hat=y_hat, y=y)
+    xp = require_arrays(y_hat=y_hat, y=y)
     check_shape("y_hat", y_hat, (None, None))
     if tuple(y.shape) != tuple(y_hat.shape):
         raise ValueError(f"y must have the shape of y_hat {tuple(y_hat.shape)}, got {tuple(y.shape)}")
@@ -72,7 +72,7 @@ def mse(y_hat, y):
 
 def softmax(z):
     """Row-wise softmax, shifted by the row maximum for stability   # (n, q)"""
-    xp = namespace(z=z)
+    xp = require_arrays(z=z)
     e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
     return e / xp.sum(e, axis=1, keepdims=True)
 
@@ -82,7 +82,7 @@ def cross_entropy(logits, labels):
 
     L = −(1/n) Σ_i log softmax(z_i)[y_i];  ∂L/∂z = (softmax(z) − onehot(y)) / n.
     """
-    xp = namespace(logits=logits)
+    xp = require_arrays(logits=logits)
     check_shape("logits", logits, (None, None))
     check_nonempty("logits", logits)
     n, q = logits.shape

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
-                      check_shape, dtype_name, namespace, to_numpy)
+                      check_shape, dtype_name, namespace, require_arrays, to_numpy)
 from .checks import check_choice, check_int, check_real
 
 # ---------------------------------------------------------------- activations
@@ -62,6 +62,9 @@ def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
     return W * (L_h / norm)
 
 
+_NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
+
+
 class Layer:
     """F(h, x; θ) = σ(W h + U x + b), batched over rows.
 
@@ -75,7 +78,7 @@ class Layer:
 
     def __init__(self, W, U, b, activation: str = "tanh"):
         self.activation = check_activation(activation)
-        self.xp = namespace(W=W, U=U, b=b)       # arrays of one backend and one float dtype
+        self.xp = require_arrays(W=W, U=U, b=b)  # arrays of one backend and one float dtype
         check_shape("W", W, (None, None))
         d = W.shape[0]
         check_shape("W", W, (d, d))
@@ -124,7 +127,7 @@ class Layer:
 
     def unflatten(self, theta) -> dict:
         """Split a flat (d_θ,) vector into ``{"W": (d, d), "U": (d, d_x), "b": (d,)}``."""
-        namespace(W=self.W, theta=theta)
+        require_arrays(W=self.W, theta=theta)
         check_shape("theta", theta, (self.d_theta,))
         d, d_x, xp = self.d, self.d_x, self.xp
         nW, nU = d * d, d * d_x
@@ -152,9 +155,14 @@ class Layer:
                 f"dtype={self.dtype}, backend={self.backend.name})")
 
     # ------------------------------------------------------------ the value
-    def check_inputs(self, x=None, **vectors):
+    def check_inputs(self, x=_NOT_GIVEN, **vectors):
         """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes, n >= 1,
-        one backend and one dtype shared with the layer; errors name the argument."""
+        one backend and one dtype shared with the layer; errors name the argument. x, when
+        given, must be an array; a named array may be None (an optional argument left out)."""
+        if x is _NOT_GIVEN:
+            x = None
+        else:
+            require_arrays(x=x)
         namespace(W=self.W, x=x, **vectors)
         n = None
         if x is not None:

@@ -177,6 +177,7 @@ class TrainConfig:
         bad = sorted(set(self.solver_options) - set(valid))
         if bad:
             raise TypeError(f"solver_options: unknown option(s) {bad} for {self.solver!r}; valid: {valid}")
+        self._check_unrolled_forward()
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_real("lr", self.lr, lo=0, lo_open=True)
         check_real("momentum", self.momentum, lo=0, hi=1, hi_open=True)
@@ -187,6 +188,16 @@ class TrainConfig:
             check_real("spectral_norm", self.spectral_norm, lo=0, lo_open=True)
         check_bool("track_cosine", self.track_cosine)
         check_bool("quiet", self.quiet)
+
+    def _check_unrolled_forward(self) -> None:
+        """BPTT differentiates through the forward iterates: they must be fixed-point iterates
+        (Eq. (13)) and kept (``return_trajectory``)."""
+        kept = self.solver == "fixed_point" and self.solver_options.get("return_trajectory") is True
+        for field_name, label in [("estimator", self.estimator), *(("probes", p) for p in self.probes)]:
+            if label.split("@", 1)[0] == "bptt" and not kept:
+                raise ValueError(f"{field_name}: {label!r} differentiates the forward iterates; it "
+                                 "needs solver='fixed_point' and solver_options={'return_trajectory': "
+                                 "True, ...}")
 
 
 def _check_known(field_name: str, value, known: dict) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deqref.data import digits, heat_transfer, synthetic
-from deqref.heads import LinearHead, cross_entropy, mse
+from deqref.heads import LinearHead, cross_entropy, mse, softmax
 from deqref.layers import Layer, spectral_normalize
 from deqref.solvers import solve
 from deqref.train import SGD, Adam, DEQModel, TrainConfig, evaluate, train
@@ -148,6 +148,24 @@ def test_losses_refuse_an_empty_batch(arr, be):
     raises_one_line(TypeError, "labels", lambda: cross_entropy(arr(np.ones((2, 2))), [0, 1]), "got list")
 
 
+NONE_CALLS = [
+    ("W", lambda L: Layer(None, U2, B2)), ("c", lambda L: LinearHead(np.eye(2), None)),
+    ("h", lambda L: LinearHead(np.eye(2), np.zeros(2))(None)),
+    ("y_hat", lambda L: mse(None, np.ones((2, 2)))),
+    ("labels", lambda L: cross_entropy(np.ones((2, 2)), None)),
+    ("z", lambda L: softmax(None)), ("theta", lambda L: L.with_theta(None)),
+    ("x", lambda L: solve(L, None)), ("x", lambda L: L.check_inputs(x=None)),
+]
+
+
+@pytest.mark.parametrize("name,call", NONE_CALLS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(NONE_CALLS)])
+def test_a_required_array_is_not_none(name, call):
+    """None was skipped as an optional array and failed later ('NoneType' has no 'shape')."""
+    layer = Layer(W2, U2, B2)
+    raises_one_line(TypeError, name, lambda: call(layer), "got None")
+
+
 def test_head_weights_are_checked():
     raises_one_line(TypeError, "V", lambda: LinearHead([[1.0, 0.0]], np.zeros(1)), "got list")
     raises_one_line(ValueError, "V", lambda: LinearHead(np.zeros((0, 2)), np.zeros(0)),
@@ -197,6 +215,25 @@ def test_subset_cannot_ask_for_more_samples_than_there_are():
     """subset(5000) silently returned all 1438 training samples."""
     raises_one_line(ValueError, "n_train", lambda: DIGITS.subset(5000), "<= 1438")
     raises_one_line(ValueError, "n_val", lambda: DIGITS.subset(10, 360), "<= 359")
+    small = DIGITS.subset(20, 4)
+    sub = small.subset(6)                     # n_val left out: n_train, or all 4 there are
+    assert (sub.x_train.shape[0], sub.x_val.shape[0]) == (6, 4)
+    assert small.subset(3).x_val.shape[0] == 3
+
+
+def test_bptt_needs_the_fixed_point_iterates():
+    """BPTT failed at the first batch with an error about 'result', which train() builds."""
+    raises_one_line(ValueError, "estimator", TrainConfig(estimator="bptt").validate,
+                    "solver='fixed_point'")
+    raises_one_line(ValueError, "probes", TrainConfig(probes={"bptt@a": {}}).validate,
+                    "'return_trajectory': True")
+    raises_one_line(ValueError, "estimator",
+                    TrainConfig(estimator="bptt", solver="fixed_point").validate,
+                    "'return_trajectory': True")
+    ok = TrainConfig(estimator="bptt", solver="fixed_point", epochs=1, quiet=True,
+                     solver_options={"tol": 1e-6, "max_iter": 100, "return_trajectory": True})
+    hist = train(DEQModel.random(4, 64, 10, seed=0), DIGITS.subset(32, 8), ok)
+    assert np.isfinite(hist["train_loss"][0])
 
 
 def test_data_and_model_must_fit_each_other():
