@@ -136,26 +136,21 @@ def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag, ss=No
 def upg_output(layer, x, result, *, k: int = 5, lam: float = 0.5):
     """h_k of Algorithm 1: k damped steps from h* — where UPG's loss is taken   # (n, d)"""
     k, lam = check_k(k), check_lam(lam)
-    hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
-    # kept for ``upg`` on the same (layer, x, result): Algorithm 1 keeps this graph too
-    result.extra[("upg", k, lam)] = (layer, x, hs, ss)
-    return hs[-1]
+    return unroll(layer, x, result.h, k, lam)[-1]
 
 
 def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "vector") -> Gradient:
     """UPG A^unr_{k,λ} g, Eq. (17) of [1]; vector form = Algorithm 1.
 
-    h_0 = h* = ``result.h``; the Jacobians are evaluated at the unrolled states h_0 … h_{k−1}.
-    ``grad_h`` is ∂L/∂h taken at h_k (``upg_output``), as in Algorithm 1.
+    h_0 = h* = ``result.h``; the Jacobians are evaluated at the unrolled states h_0 … h_{k−1},
+    computed here from the layer as it is now (nothing is cached between calls, so an edit
+    of the layer's weights is always seen). ``grad_h`` is ∂L/∂h taken at h_k (``upg_output``),
+    as in Algorithm 1.
     """
     k, lam, form = check_k(k), check_lam(lam), check_form(form)
     layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
     check_finite("grad_h", grad_h)
-    kept = result.extra.get(("upg", k, lam))
-    if kept is not None and kept[0] is layer and kept[1] is x:
-        hs, ss = kept[2], kept[3]                         # the states ``upg_output`` made
-    else:
-        hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
+    hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
     steps = np.full(x.shape[0], k)
     diag = {"n_F": k, "h_k": hs[-1]}
     return _estimate(layer, x, hs, grad_h, lam, steps, form, "upg",
