@@ -357,7 +357,7 @@ def test_entry_point_validates(be):
         estimate("ift", layer, x, res, g)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['K'\] for estimator 'upg'; valid"):
         estimate("upg", layer, x, res, g, K=5)
-    with pytest.raises(ValueError, match="lam must lie in"):
+    with pytest.raises(ValueError, match=r"lam must be a finite number in \(0, 1\], got 0.0"):
         estimate("npg", layer, x, res, g, lam=0.0)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         estimate("upg", layer, x, res, g, k=0)

@@ -2,30 +2,28 @@
 
 ``estimate(name, layer, x, result, grad_h, **options)`` selects one by name; every
 estimator returns a ``Gradient`` (∂L/∂θ summed over the batch, ∂L/∂x per sample,
-diagnostics). ``output(name, ...)`` gives the state at which the loss is taken (h* for
+diagnostics, flags). ``output(name, ...)`` gives the state at which the loss is taken (h* for
 all but UPG, which takes it at h_k as in Algorithm 1 of Geng et al.).
+
+Every estimator checks its inputs before any work, and looks at what its answer rests on
+(``base``): a forward solve that did not converge, or an adjoint solve that did not converge
+or diverged, gives a ``ConvergenceWarning`` and a line in ``Gradient.flags``; a non-finite
+answer raises ``FloatingPointError``; a (nearly) singular I − ∂F/∂h where the inverse is
+needed raises ``SingularMatrixError``. ``warnings.simplefilter("error", ConvergenceWarning)``
+turns every flag into an error.
 """
 from __future__ import annotations
 
 import inspect
 
-from .base import Gradient
+from .base import Gradient, SingularMatrixError, check_result
 from .broyden_reuse import gdeq
-from .implicit import AdjointMap, adjoint_dense, implicit_dense, implicit_iterative
+from .implicit import AdjointMap, adjoint_dense, implicit_dense, implicit_exact, implicit_iterative
 from .neumann import jfb, neumann_matrix, npg
 from .unrolled import bptt, unroll, upg, upg_output
 
-
-def _implicit_dense(layer, x, result, grad_h, *, form: str = "vector"):
-    """Eq. (4) with a dense solve per sample (the oracle)."""
-    from .base import check_form
-    est = implicit_dense(layer, x, result.h, grad_h, matrix=check_form(form) == "matrix")
-    est.options = {"form": form}
-    return est
-
-
 ESTIMATORS = {
-    "implicit_dense": _implicit_dense,
+    "implicit_dense": implicit_exact,
     "implicit": implicit_iterative,
     "bptt": bptt,
     "upg": upg,
@@ -60,11 +58,13 @@ def estimate(name: str, layer, x, result, grad_h, **options) -> Gradient:
 def output(name: str, layer, x, result, **options):
     """Where the loss is taken for estimator ``name``: h_k for UPG, ``result.h`` otherwise."""
     _check_options(name, options)
+    check_result(layer, x, result)
     if name == "upg":
         return upg_output(layer, x, result, **{k: v for k, v in options.items() if k in ("k", "lam")})
     return result.h
 
 
-__all__ = ["AdjointMap", "ESTIMATORS", "Gradient", "adjoint_dense", "bptt", "estimate",
-           "estimator_options", "gdeq", "implicit_dense", "implicit_iterative", "jfb",
-           "neumann_matrix", "npg", "output", "unroll", "upg", "upg_output"]
+__all__ = ["AdjointMap", "ESTIMATORS", "Gradient", "SingularMatrixError", "adjoint_dense", "bptt",
+           "estimate", "estimator_options", "gdeq", "implicit_dense", "implicit_exact",
+           "implicit_iterative", "jfb", "neumann_matrix", "npg", "output", "unroll", "upg",
+           "upg_output"]

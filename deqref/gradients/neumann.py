@@ -16,9 +16,7 @@ References
 """
 from __future__ import annotations
 
-from ..backend import check_finite
-from ..solvers.result import check_lam
-from .base import Gradient, check_form, check_k, make_gradient
+from .base import Gradient, check_call, check_form, check_k, check_lam, make_gradient
 
 
 def neumann_matrix(layer, x, h_star, k: int, lam: float):
@@ -34,34 +32,38 @@ def neumann_matrix(layer, x, h_star, k: int, lam: float):
     return lam * S
 
 
-def npg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "vector") -> Gradient:
-    """NPG A^neu_{k,λ} g, Eq. (18) of [1]; vector form = Algorithm 2. ``grad_h`` at h*."""
-    k, lam, form = check_k(k), check_lam(lam), check_form(form)
-    h = result.h
-    layer.check_inputs(x=x, h_star=h, grad_h=grad_h)
-    check_finite("grad_h", grad_h)
+def _neumann(layer, x, h, grad_h, k, lam, form):
+    """A^neu_{k,λ} g at h (Eq. 18): (grads, grad_x, diagnostics)."""
     xp = layer.xp
-    opts = {"k": k, "lam": lam, "form": form}
     if form == "matrix":
         D = neumann_matrix(layer, x, h, k, lam)                      # (n, d, d)
         A = layer.dF_dtheta(h, x) @ D                                # (n, d_θ, d)   Eq. (18)
         A_x = layer.dF_dx(h, x) @ D                                  # (n, d_x, d)
         theta = xp.sum((A @ grad_h[:, :, None])[:, :, 0], axis=0)
         grad_x = (A_x @ grad_h[:, :, None])[:, :, 0]
-        return make_gradient(layer, layer.unflatten(theta), grad_x, "npg", opts,
-                             {"A": A, "A_x": A_x, "n_matmul": k + 1})
+        return layer.unflatten(theta), grad_x, {"A": A, "A_x": A_x, "n_matmul": k + 1}
     s = layer.sigma_prime(h, x)                                      # σ' at h*, reused
     g_hat = grad_h
     for _ in range(k - 1):                                           # ĝ ← g + B ĝ
         g_hat = grad_h + lam * layer.vjp_h(h, x, g_hat, s) + (1.0 - lam) * g_hat
     grads = {key: lam * v for key, v in layer.vjp_theta(h, x, g_hat, s).items()}
     grad_x = lam * layer.vjp_x(h, x, g_hat, s)
-    return make_gradient(layer, grads, grad_x, "npg", opts, {"n_vjp": k + 1})
+    return grads, grad_x, {"n_vjp": k + 1}
+
+
+def npg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "vector") -> Gradient:
+    """NPG A^neu_{k,λ} g, Eq. (18) of [1]; vector form = Algorithm 2. ``grad_h`` at h*."""
+    k, lam, form = check_k(k), check_lam(lam), check_form(form)
+    check_call(layer, x, result, grad_h)
+    grads, grad_x, diag = _neumann(layer, x, result.h, grad_h, k, lam, form)
+    return make_gradient(layer, grads, grad_x, "npg", {"k": k, "lam": lam, "form": form}, diag,
+                         grad_h=grad_h, result=result)
 
 
 def jfb(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
     """JFB: ∂F/∂θ|_{h*} g — the inverse replaced by I (= NPG with k = 1, λ = 1)."""
     form = check_form(form)
-    est = npg(layer, x, result, grad_h, k=1, lam=1.0, form=form)
-    est.name, est.options = "jfb", {"form": form}
-    return est
+    check_call(layer, x, result, grad_h)
+    grads, grad_x, diag = _neumann(layer, x, result.h, grad_h, 1, 1.0, form)
+    return make_gradient(layer, grads, grad_x, "jfb", {"form": form}, diag,
+                         grad_h=grad_h, result=result)

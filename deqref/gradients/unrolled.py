@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import check_finite
 from ..layers import Layer
-from ..solvers.result import check_lam
-from .base import Gradient, check_form, check_k, make_gradient
+from .base import (Gradient, check_call, check_form, check_k, check_lam, check_result,
+                   make_gradient)
 
 
 def _bound(layer, x):
@@ -122,7 +121,7 @@ def _apply(layer, A, A_x, grad_h):
     return layer.unflatten(theta), (A_x @ grad_h[:, :, None])[:, :, 0]    # (n, d_x)
 
 
-def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag, ss=None):
+def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag, result, ss=None):
     if form == "matrix":
         A, A_x = unrolled_matrices(layer, x, hs, lam, steps)
         grads, grad_x = _apply(layer, A, A_x, grad_h)
@@ -130,12 +129,13 @@ def _estimate(layer, x, hs, grad_h, lam, steps, form, name, options, diag, ss=No
     else:
         grads, grad_x = _reverse(layer, x, hs, grad_h, lam, steps, ss)
         diag.update(n_vjp=3 * (len(hs) - 1) - 1)
-    return make_gradient(layer, grads, grad_x, name, options, diag)
+    return make_gradient(layer, grads, grad_x, name, options, diag, grad_h=grad_h, result=result)
 
 
 def upg_output(layer, x, result, *, k: int = 5, lam: float = 0.5):
     """h_k of Algorithm 1: k damped steps from h* — where UPG's loss is taken   # (n, d)"""
     k, lam = check_k(k), check_lam(lam)
+    check_result(layer, x, result)
     return unroll(layer, x, result.h, k, lam)[-1]
 
 
@@ -148,13 +148,12 @@ def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "
     as in Algorithm 1.
     """
     k, lam, form = check_k(k), check_lam(lam), check_form(form)
-    layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
-    check_finite("grad_h", grad_h)
+    check_call(layer, x, result, grad_h)
     hs, ss = unroll(layer, x, result.h, k, lam, primes=True)
     steps = np.full(x.shape[0], k)
     diag = {"n_F": k, "h_k": hs[-1]}
     return _estimate(layer, x, hs, grad_h, lam, steps, form, "upg",
-                     {"k": k, "lam": lam, "form": form}, diag, ss)
+                     {"k": k, "lam": lam, "form": form}, diag, result, ss)
 
 
 def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
@@ -166,6 +165,7 @@ def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
     ``grad_h`` is ∂L/∂h at the returned iterate ``result.h``.
     """
     form = check_form(form)
+    check_call(layer, x, result, grad_h)
     if not result.solver.endswith("fixed_point"):
         raise ValueError(f"result: bptt differentiates through fixed-point iterations; "
                          f"got a result of solver {result.solver!r}")
@@ -173,10 +173,8 @@ def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
         raise ValueError("result: bptt needs the iterates; solve with return_trajectory=True")
     if "diverged" in result.stop_reason:
         raise ValueError("result: some samples diverged; their iterates cannot be differentiated")
-    layer.check_inputs(x=x, h_star=result.h, grad_h=grad_h)
-    check_finite("grad_h", grad_h)
     lam = result.options["lam"]
     steps = np.asarray(result.n_iter)
     diag = {"T": steps.copy(), "rel_residual": [r[-1] for r in result.rel_residual]}
     return _estimate(layer, x, result.trajectory, grad_h, lam, steps, form, "bptt",
-                     {"form": form}, diag)
+                     {"form": form}, diag, result)
