@@ -45,11 +45,12 @@ class Dataset:
         """The first ``n_train`` training and ``n_val`` validation samples, on any backend
         (``x[:n, ...]``: the array API does not index a 2-D array with one slice).
 
-        Asking for more samples than a split holds is an error; left out, ``n_val`` is
-        ``n_train`` or the whole validation split if that is smaller."""
+        ``n_val`` left out is ``n_train``. Asking for more samples than a split holds is an error."""
         n_train = check_int("n_train", n_train, minimum=1, maximum=self.x_train.shape[0])
-        if n_val is None:
-            n_val = min(n_train, self.x_val.shape[0])
+        if n_val is None and n_train > self.x_val.shape[0]:
+            raise ValueError(f"n_val must be given (<= {self.x_val.shape[0]}): left out it is "
+                             f"n_train = {n_train}, more than the {self.x_val.shape[0]} validation samples")
+        n_val = n_train if n_val is None else n_val
         n_val = check_int("n_val", n_val, minimum=1, maximum=self.x_val.shape[0])
         take = lambda a, n: a[:n, ...] if a.ndim > 1 else a[:n]     # noqa: E731
         return replace(self, x_train=take(self.x_train, n_train), y_train=take(self.y_train, n_train),

@@ -41,6 +41,7 @@ class LinearHead:
         """ŷ = h Vᵀ + c   # (n, q)"""
         require_arrays(V=self.V, h=h)
         check_shape("h", h, (None, self.d))
+        check_finite("h", h)
         return h @ self.V.T + self.c
 
     def backward(self, h, dL_dy):
@@ -48,6 +49,8 @@ class LinearHead:
         xp = require_arrays(V=self.V, h=h, dL_dy=dL_dy)
         check_shape("h", h, (None, self.d))
         check_shape("dL_dy", dL_dy, (h.shape[0], self.q))
+        check_finite("h", h)
+        check_finite("dL_dy", dL_dy)
         return dL_dy @ self.V, {"V": dL_dy.T @ h, "c": xp.sum(dL_dy, axis=0)}
 
 
@@ -65,6 +68,8 @@ def mse(y_hat, y):
     if tuple(y.shape) != tuple(y_hat.shape):
         raise ValueError(f"y must have the shape of y_hat {tuple(y_hat.shape)}, got {tuple(y.shape)}")
     check_nonempty("y_hat", y_hat)
+    check_finite("y_hat", y_hat)
+    check_finite("y", y)
     r = y_hat - y                                              # (n, q)
     size = r.shape[0] * r.shape[1]
     return float(xp.sum(r * r)) / size, (2.0 / size) * r
@@ -73,6 +78,7 @@ def mse(y_hat, y):
 def softmax(z):
     """Row-wise softmax, shifted by the row maximum for stability   # (n, q)"""
     xp = require_arrays(z=z)
+    check_finite("z", z)
     e = xp.exp(z - xp.max(z, axis=1, keepdims=True))
     return e / xp.sum(e, axis=1, keepdims=True)
 
@@ -85,6 +91,7 @@ def cross_entropy(logits, labels):
     xp = require_arrays(logits=logits)
     check_shape("logits", logits, (None, None))
     check_nonempty("logits", logits)
+    check_finite("logits", logits)
     n, q = logits.shape
     try:
         labels_backend = backend_of(labels).name

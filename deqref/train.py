@@ -391,8 +391,8 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     still apply: under ``warnings.simplefilter("error", deqref.ConvergenceWarning)`` training
     stops with the first one.
 
-    A non-finite loss, a non-finite gradient estimate (the estimator's ``FloatingPointError``)
-    or non-finite updated parameters stop training with a ``FloatingPointError`` naming the
+    A non-finite output h or prediction, a non-finite loss, a non-finite gradient estimate (the
+    estimator's ``FloatingPointError``) or non-finite updated parameters stop training with a ``FloatingPointError`` naming the
     epoch, the batch and what is not finite; the history of the finished epochs is on the
     error's ``history`` attribute. Training never goes on with NaN.
     """
@@ -433,7 +433,11 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             res, _ = recorded(solve, layer, xb, method=cfg.solver, warn=True, **cfg.solver_options)
             h_out, warned = recorded(output, cfg.estimator, layer, xb, res, **cfg.estimator_options)
+            if _not_finite({"h": h_out}):
+                raise _diverged(hist, epoch, i, f"the {cfg.estimator} output h is not finite", cfg)
             y_hat = head(h_out)
+            if _not_finite({"y_hat": y_hat}):
+                raise _diverged(hist, epoch, i, "the predictions G(h) are not finite", cfg)
             loss, dy = _loss(task, y_hat, yb)
             t1 = time.perf_counter()
             if not math.isfinite(loss):

@@ -166,6 +166,19 @@ def test_a_required_array_is_not_none(name, call):
     raises_one_line(TypeError, name, lambda: call(layer), "got None")
 
 
+def test_head_and_losses_refuse_non_finite_input(arr, be):
+    """NaN went through the head and the losses into a NaN loss and gradient."""
+    head = LinearHead.random(2, 2, seed=0, backend=be)
+    bad = arr(np.array([[0.5, np.nan]]))
+    raises_one_line(ValueError, "h", lambda: head(bad), "contains NaN or infinity")
+    raises_one_line(ValueError, "h", lambda: head.backward(bad, arr(np.ones((1, 2)))), "NaN")
+    raises_one_line(ValueError, "y_hat", lambda: mse(bad, arr(np.ones((1, 2)))), "NaN")
+    raises_one_line(ValueError, "y", lambda: mse(arr(np.ones((1, 2))), bad), "NaN")
+    labels = be.from_host(np.zeros(1, dtype=np.int64))
+    raises_one_line(ValueError, "logits", lambda: cross_entropy(bad * np.inf, labels), "NaN")
+    raises_one_line(ValueError, "z", lambda: softmax(bad), "NaN")
+
+
 def test_head_weights_are_checked():
     raises_one_line(TypeError, "V", lambda: LinearHead([[1.0, 0.0]], np.zeros(1)), "got list")
     raises_one_line(ValueError, "V", lambda: LinearHead(np.zeros((0, 2)), np.zeros(0)),
@@ -216,9 +229,9 @@ def test_subset_cannot_ask_for_more_samples_than_there_are():
     raises_one_line(ValueError, "n_train", lambda: DIGITS.subset(5000), "<= 1438")
     raises_one_line(ValueError, "n_val", lambda: DIGITS.subset(10, 360), "<= 359")
     small = DIGITS.subset(20, 4)
-    sub = small.subset(6)                     # n_val left out: n_train, or all 4 there are
-    assert (sub.x_train.shape[0], sub.x_val.shape[0]) == (6, 4)
-    assert small.subset(3).x_val.shape[0] == 3
+    assert small.subset(3).x_val.shape[0] == 3          # n_val left out is n_train
+    raises_one_line(ValueError, "n_val", lambda: small.subset(6),
+                    "left out it is n_train = 6, more than the 4 validation samples")
 
 
 def test_bptt_needs_the_fixed_point_iterates():

@@ -202,6 +202,14 @@ def test_non_finite_parameters_stop_training(monkeypatch):
     assert len(info.value.history["train_loss"]) == 1      # the one finished epoch
 
 
+def test_a_non_finite_output_stops_training(monkeypatch):
+    real = T.output
+    monkeypatch.setattr(T, "output", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"^training diverged at epoch 0, batch 0: "
+                                                 r"the implicit output h is not finite"):
+        train(model(), DATA, config())
+
+
 def test_an_estimators_floating_point_error_names_the_batch(monkeypatch):
     def failing(*args, **kwargs):
         raise FloatingPointError("fake: ∂L/∂θ not finite; cause: overflow")
