@@ -394,3 +394,25 @@ def test_nearly_singular_is_refused_at_one_over_eps(be, dtype, gap, refused):
     else:                                                        # still solvable: y = (I − W)⁻ᵀ g
         y = np.linalg.solve(np.eye(D) - W.T, host(g).T).T
         assert rel(implicit_dense(layer, x, res.h, g).b, y.sum(axis=0)) < cond * 10 * EPS
+
+
+def test_the_svd_is_skipped_only_where_a_norm_bound_settles_the_condition(be, monkeypatch):
+    """‖∂F/∂h_i‖₂ ≤ max_j |σ'_ij| ‖W‖₂ = b_i, and cond₂(I − ∂F/∂h) ≤ (1 + b)/(1 − b) for b < 1:
+    with ‖W‖₂ = 0.9 (|σ'| ≤ 1) no SVD is needed; with ‖W‖₂ = 1.5, or a layer whose ∂F/∂h is
+    its own, the bound says nothing and the SVD is taken."""
+    calls = []
+    svdvals = be.xp.linalg.svdvals
+    monkeypatch.setattr(be.xp.linalg, "svdvals", lambda A: calls.append(A.shape) or svdvals(A))
+
+    class Own(Layer):
+        def dF_dh(self, h, x):
+            return super().dF_dh(h, x)
+
+    rng = np.random.default_rng(0)
+    x, h, g = (be.asarray(rng.standard_normal(s)) for s in ((N, DX), (N, D), (N, D)))
+    for L_h, cls, svd in ((0.9, Layer, False), (1.5, Layer, True), (0.9, Own, True)):
+        base = Layer.random(D, DX, "tanh", seed=1, L_h=L_h, backend=be)
+        layer = cls(base.W, base.U, base.b, "tanh")
+        calls.clear()
+        implicit_dense(layer, x, h, g)
+        assert bool(calls) == svd, (L_h, cls.__name__)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..backend import eps, to_numpy
 from ..checks import check_bool, check_choice, check_int, check_real
+from ..layers import Layer
 from ..solvers import solve
 from .base import (Gradient, InnerSolve, check_arrays, check_call, check_form, check_k, check_lam,
                    check_nonsingular, make_gradient, unit_scale)
@@ -38,10 +39,23 @@ METHODS = ("broyden", "fixed_point")
 ADJOINT_OPTIONS = {"broyden": ("m",), "fixed_point": ("lam",)}   # each adjoint solver's own
 
 
+def _jacobian_bound(layer, x, h_star):
+    """b_i = max_j |σ'_ij| ‖W‖₂ ≥ ‖∂F/∂h‖₂ per sample, for a layer whose ∂F/∂h is Layer's
+    (diag(σ') W)ᵀ; None for any other   # (n,) host"""
+    plain = isinstance(layer, Layer) and all(
+        getattr(type(layer), m) is getattr(Layer, m) for m in ("dF_dh", "jacobian_h", "sigma_prime"))
+    if not plain:
+        return None
+    xp = layer.xp
+    w = float(to_numpy(xp.linalg.matrix_norm(layer.W, ord=2)))                  # ‖W‖₂
+    s = to_numpy(xp.max(xp.abs(layer.sigma_prime(h_star, x)), axis=1))         # (n,)
+    return np.asarray(s, dtype=np.float64) * w
+
+
 def _system(layer, x, h_star):
     """I − ∂F/∂h at h* per sample, refused where (nearly) singular   # (n, d, d)"""
     A = layer.xp.eye(layer.d, dtype=h_star.dtype) - layer.dF_dh(h_star, x)
-    check_nonsingular("implicit_dense", A)
+    check_nonsingular("implicit_dense", A, _jacobian_bound(layer, x, h_star))
     return A
 
 
