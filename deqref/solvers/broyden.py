@@ -7,9 +7,13 @@ Per sample, starting from B_0⁻¹ = −I (the inverse Jacobian of g when F ≡ 
 
 with Δh = h_{t+1} − h_t, Δg = g_{t+1} − g_t. For the full step Δh = −B_t⁻¹ g_t the
 numerator's Δh − B_t⁻¹Δg equals −B_t⁻¹ g_{t+1}, which is the form printed in [2].
-The update enforces the secant condition B_{t+1}⁻¹ Δg = Δh.
+The update u vᵀ (u = (Δh − B_t⁻¹Δg) / (Δhᵀ B_t⁻¹ Δg), v = B_t⁻ᵀ Δh) enforces the secant
+condition on the matrix it is added to: (B_t⁻¹ + u vᵀ) Δg = Δh.
 
 B_t estimates the standard-layout Jacobian of g, J_h − I, so B_T⁻¹ ≈ −(I − J_h)⁻¹.
+
+An update is skipped (and counted in ``n_skipped``) when its denominator is small against
+its factors, |Δhᵀ B_t⁻¹ Δg| ≤ skip_tol · ‖Δh‖ ‖B_t⁻¹ Δg‖ (default skip_tol = √eps).
 
 Two storage forms give the same iterates:
 - ``"dense"``: B⁻¹ as an (n, d, d) array, updated in place (for teaching);
@@ -22,11 +26,14 @@ References
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..backend import eps, to_numpy
+from ..backend import dtype_name, eps, to_numpy
+from ..checks import check_choice, check_real
 from .common import bound, prepare
-from .result import check_memory
+from .result import check_memory, pow2_scale
 
 FORMS = ("lowrank", "dense")
 
@@ -58,6 +65,9 @@ class DenseInverse:
 
 class LowRankInverse:
     """B⁻¹ = −I + Σ_i u_i v_iᵀ with at most ``m`` pairs per sample (oldest dropped first).
+
+    A pair is kept as (2^k u_i, 2^−k v_i) with a power of two per sample (``broyden`` scales
+    the step so that huge iterates do not overflow): the products u_i v_iᵀ are exactly the same.
 
     Slots not yet written hold zeros and add nothing; the products use only the first
     ``filled`` slots (early in a solve, fewer than m), which is where their time goes.
@@ -106,6 +116,21 @@ class LowRankInverse:
         return -xp.eye(d, dtype=self.Us.dtype) + xp.permute_dims(self.Us, (0, 2, 1)) @ self.Vs
 
 
+def sherman_morrison(xp, B, dh, dg, skip_tol):
+    """The good-Broyden update B⁻¹ += u vᵀ for the step (Δh, Δg), and where it is safe.
+
+    u = (Δh − B⁻¹Δg) / (Δhᵀ B⁻¹ Δg),  v = B⁻ᵀ Δh   # (n, d) each
+    ok: |Δhᵀ B⁻¹ Δg| > skip_tol · ‖Δh‖ ‖B⁻¹ Δg‖   # (n,) host bool (else u is not used)
+    """
+    B_dg = B.matvec(dg)                                        # B_t⁻¹ Δg
+    v = B.rmatvec(dh)                                          # (Δhᵀ B_t⁻¹)ᵀ = B_t⁻ᵀ Δh
+    den = xp.vecdot(dh, B_dg, axis=-1)                         # Δhᵀ B_t⁻¹ Δg   (n,)
+    scale = xp.sqrt(xp.vecdot(dh, dh, axis=-1) * xp.vecdot(B_dg, B_dg, axis=-1))  # ‖Δh‖ ‖B_t⁻¹ Δg‖
+    ok = xp.abs(den) > skip_tol * scale
+    u = (dh - B_dg) / xp.where(ok, den, xp.ones_like(den))[:, None]
+    return u, v, to_numpy(ok)
+
+
 def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float = 1e-5,
             atol: float = 0.0, max_iter: int = 100, norm: str = "2", stall_iter: int | None = 30,
             divergence_factor: float = 1e8, skip_tol: float | None = None,
@@ -125,17 +150,15 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
     SolverResult with ``B_inv`` the estimate belonging to the returned iterate
     (an object with ``matvec``, ``rmatvec`` and ``dense()``) and ``n_skipped``.
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    m = check_memory(m)
-    xp, h, mon, opts = prepare(layer, x, h0, f"broyden_{form}", tol=tol, atol=atol,
-                               max_iter=max_iter, norm=norm, stall_iter=stall_iter,
-                               divergence_factor=divergence_factor, warn=warn)
-    skip_tol = float(np.sqrt(eps(x))) if skip_tol is None else skip_tol
-    if not (np.isfinite(skip_tol) and skip_tol >= 0):
-        raise ValueError(f"skip_tol must be a finite number >= 0, got {skip_tol!r}")
+    form, m = check_choice("form", form, FORMS), check_memory(m)
+    xp, be, h, mon, opts = prepare(layer, x, h0, f"broyden_{form}", tol=tol, atol=atol,
+                                   max_iter=max_iter, norm=norm, stall_iter=stall_iter,
+                                   divergence_factor=divergence_factor, warn=warn,
+                                   return_trajectory=return_trajectory)
+    eps_h = eps(h)
+    skip_tol = math.sqrt(eps_h) if skip_tol is None else check_real("skip_tol", skip_tol, lo=0)
     opts.update(form=form, m=m, skip_tol=skip_tol)
-    be, (n, d) = layer.backend, h.shape
+    n, d = h.shape
     B = DenseInverse(xp, n, d, h.dtype) if form == "dense" else LowRankInverse(xp, n, d, h.dtype, m)
     n_skipped = np.zeros(n, dtype=np.int64)
 
@@ -156,20 +179,18 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         was_active = active
         active = mon.record(h_new, F_new)
         dh, dg = h_new - h, g_new - g                          # (n, d)
-        B_dg = B.matvec(dg)                                    # B_t⁻¹ Δg
-        dhT_B = B.rmatvec(dh)                                  # (Δhᵀ B_t⁻¹)ᵀ = B_t⁻ᵀ Δh
-        den = xp.vecdot(dh, B_dg, axis=-1)                      # Δhᵀ B_t⁻¹ Δg   (n,)
-        scale = xp.sqrt(xp.vecdot(dh, dh, axis=-1) * xp.vecdot(B_dg, B_dg, axis=-1))  # ‖Δh‖ ‖B_t⁻¹ Δg‖
-        ok = to_numpy(xp.abs(den) > skip_tol * scale)          # (n,) safe to divide by
+        # the pair u vᵀ is unchanged when Δh and Δg are divided by one number; a power of two
+        # per sample (exact) keeps the products below overflow for huge h (1e200)
+        size = np.maximum(mon.last_norms[1], mon.last_norms[2])     # max(‖F(h)‖, ‖h‖)  host (n,)
+        s = be.asarray(pow2_scale(size, dtype_name(h)), dtype_name(h))[:, None]   # (n, 1)
+        u, v, ok = sherman_morrison(xp, B, dh / s, dg / s, skip_tol)
         step = was_active & ~mon.newly_bad                     # a diverged step is undone
         n_skipped += step & ~ok
         upd = step & ok
-        u = (dh - B_dg) / xp.where(be.from_host(ok), den, 1.0)[:, None]   # (n, d)
-        # Sherman–Morrison: B_{t+1}⁻¹ = B_t⁻¹ + u (B_t⁻ᵀ Δh)ᵀ
-        if form == "dense":
-            B.add(u, dhT_B, be.from_host(upd))
+        if form == "dense":                                    # B_{t+1}⁻¹ = B_t⁻¹ + u vᵀ
+            B.add(u, v, be.from_host(upd))
         else:
-            B.add(u, dhT_B, upd, B.n_updates % m, be)
+            B.add(u, v, upd, B.n_updates % m, be)
         B.n_updates += upd
         if mon.newly_bad.any():                                # keep the last finite iterate
             bad = be.from_host(mon.newly_bad)[:, None]

@@ -22,25 +22,28 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
 
     Parameters
     ----------
-    layer : callable F(h, x) -> (n, d), e.g. ``deqref.layers.Layer``
-    x : (n, d_x) array;  h0 : (n, d) array or None (zeros)
+    layer : a ``deqref.layers.Layer``, or a plain callable F(h, x) -> (n, d) (then h0 is required)
+    x : (n, d_x) array;  h0 : (n, d) array or None (zeros; a layer only)
     lam : damping λ ∈ (0, 1] of Eq. (13); 1 gives plain iteration, Eq. (10)
-    tol, atol : stop a sample when r_rel ≤ tol or r_abs ≤ atol (see ``result``)
+    tol, atol : stop a sample once it has converged: r_abs ≤ atol, or r_abs ≤ tol · max(‖F(h)‖, S_0)
+        and r_abs ≤ √tol · S_0 with S_0 = max(‖h_0‖, ‖F(h_0)‖) (``deqref.solvers.result``)
     max_iter : at most this many updates;  norm : "2" or "inf"
     stall_iter : stop a sample as "stagnated" after this many updates without a new
         lowest residual (None: never)
-    divergence_factor : "diverged" once r_abs > factor · max(r_abs(h0), 1) or not finite
+    divergence_factor : "diverged" once anything is not finite, r_abs > factor · max(r_abs(h0), 1)
+        or ‖h‖ > factor · max(S_0, 1)
+    warn : warn with a ``ConvergenceWarning`` when a sample did not converge
 
     Returns
     -------
     SolverResult
     """
     lam = check_lam(lam)
-    xp, h, mon, opts = prepare(layer, x, h0, "fixed_point" if lam == 1 else "damped_fixed_point",
-                               tol=tol, atol=atol, max_iter=max_iter, norm=norm,
-                               stall_iter=stall_iter, divergence_factor=divergence_factor, warn=warn)
+    xp, be, h, mon, opts = prepare(layer, x, h0, "fixed_point" if lam == 1 else "damped_fixed_point",
+                                   tol=tol, atol=atol, max_iter=max_iter, norm=norm,
+                                   stall_iter=stall_iter, divergence_factor=divergence_factor,
+                                   warn=warn, return_trajectory=return_trajectory)
     opts["lam"] = lam
-    be = layer.backend
     F = bound(layer, x)                                      # h ↦ F(h, x)
     Fh = F(h)                                                # (n, d)
     active = mon.record(h, Fh)

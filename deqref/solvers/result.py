@@ -1,28 +1,71 @@
 """One result type for every forward solver, and the per-sample bookkeeping behind it.
 
-Residuals are defined once, here, for every solver and every report:
+What "converged", "diverged" and "stagnated" mean is defined once, here, for every solver
+(``fixed_point``, ``broyden``, ``anderson``) and every report. Per sample, at an iterate h,
+with ‖·‖ the Euclidean norm (``norm="2"``) or the max-norm (``norm="inf"``):
 
-- absolute residual  ``r_abs(h) = ‖F(h) − h‖``
-- relative residual  ``r_rel(h) = ‖F(h) − h‖ / ‖F(h)‖``
+- absolute residual   r_abs(h) = ‖F(h) − h‖
+- relative residual   r_rel(h) = r_abs(h) / ‖F(h)‖      (0 when F(h) = h = 0; NaN stays NaN)
+- starting scale      S_0 = max(‖h_0‖, ‖F(h_0)‖)       (the initial guess and its image)
 
-per sample, with ‖·‖ the Euclidean norm (``norm="2"``) or the max-norm
-(``norm="inf"``). A sample has converged when ``r_rel ≤ tol`` or ``r_abs ≤ atol``.
+**converged** ⇔ r_abs is finite and
+    [ r_abs ≤ atol   or   ( r_abs ≤ tol · max(‖F(h)‖, S_0)   and   r_abs ≤ √tol · S_0 ) ].
+The first test in the parenthesis is the relative test r_rel ≤ tol, extended so that a fixed
+point at (or near) 0 can pass: there ‖F(h)‖ → 0, and the residual passes once it has fallen
+below tol times the starting scale. The second test is what an iterate running away cannot
+meet: where no fixed point exists (F(h) = h + 1), ‖F(h)‖ grows and r_rel shrinks, but r_abs
+never falls well below the starting scale. Wherever S_0 ≤ ‖F(h)‖ ≤ S_0 / √tol (the usual
+case: the image grows from the start, and not by orders of magnitude) the parenthesis is
+exactly r_rel ≤ tol.
+
+**diverged** ⇔ anything is not finite (r_abs, ‖F(h)‖ or ‖h‖), or
+r_abs > divergence_factor · max(r_abs(h_0), 1), or the iterate ran away:
+‖h‖ > divergence_factor · max(S_0, 1), or eps · ‖h‖ > S_0 (eps of the dtype). NaN is never
+"converged" and never a residual of 0. The last test is the runaway test at the dtype's
+resolution: once the rounding level of h exceeds the problem's starting scale, F(h) − h no
+longer resolves it (F(h) = h + c computes exactly h in float32 once ‖h‖ ≳ ‖c‖ / eps, and a
+residual of 0 there is not a fixed point). A fixed point that far out, ‖h*‖ > S_0 / eps, is
+not determined to any digit in that dtype either.
+
+**stagnated** ⇔ the lowest r_abs seen has not decreased for ``stall_iter`` consecutive
+updates (``stall_iter=None``: never). **max_iter**: ``max_iter`` updates were applied.
+
+The tests are taken in this order after every update, and a sample stops at the first that
+holds: diverged, converged ("tolerance"), stagnated; a sample that meets none within
+``max_iter`` updates stops with "max_iter". So "converged" is the definition above and not
+diverged: a residual of 0 at an iterate that ran away is not a fixed point found.
+
+Norms do not overflow or underflow for finite vectors: each is √(v·v) row by row (one pass,
+no temporary), and only the rows where v·v overflowed, or fell below the smallest normal
+number, are recomputed as s · √((v/s)·(v/s)) with s = max|v_i|. A norm is infinite only if
+v holds an infinity or the norm itself exceeds the float64 range.
+
+Every solve that ends with a sample not converged warns with a ``ConvergenceWarning`` (unless
+``warn=False``) naming the solver, how many and which samples, and the stop reasons. Turn it
+into an error with ``warnings.simplefilter("error", ConvergenceWarning)``.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import backend_of, to_numpy
+from ..backend import backend_of, dtype_name, to_numpy
+from ..checks import check_choice, check_int, check_optional_int, check_real, is_real
 
 STOP_REASONS = ("tolerance", "max_iter", "diverged", "stagnated")
 NORMS = ("2", "inf")
+SHOWN_SAMPLES = 5        # sample indices named in a warning before "..."
 
 
 class ConvergenceWarning(UserWarning):
-    """A forward solve ended without meeting its tolerance for some samples."""
+    """A solve (forward or inner) ended without converging for some samples.
+
+    ``warnings.simplefilter("error", ConvergenceWarning)`` turns every such warning into an
+    exception.
+    """
 
 
 @dataclass
@@ -32,16 +75,19 @@ class SolverResult:
     Attributes
     ----------
     h : (n, d) backend array   the solution, one row per sample (the last iterate
-        whose residual is recorded; for a diverged sample the last finite one)
-    converged : (n,) bool      per-sample: the tolerance was met
+        whose residual is recorded; for a diverged sample the last one before it diverged)
+    converged : (n,) bool      per-sample: converged as defined in this module's docstring
     n_iter : (n,) int          per-sample number of solver updates applied
     stop_reason : tuple of str per sample, one of ``STOP_REASONS``
     abs_residual, rel_residual : list of n NumPy arrays; entry i has length
-        ``n_iter[i] + 1`` (the initial guess, then each update), no padding
+        ``n_iter[i] + 1`` (the initial guess, then each update), no padding. For a
+        diverged sample the last entry is the value that made it diverge (may be inf or NaN).
     n_F : int                  batched evaluations of F
     trajectory : list of (n, d) arrays or None   iterates, on request
     B_inv : Broyden's inverse-Jacobian estimate for the returned iterate, or None
     n_skipped : (n,) int or None   skipped Sherman–Morrison updates (Broyden)
+    extra : dict               ``"S0"``: the (n,) starting scale max(‖h_0‖, ‖F(h_0)‖);
+        Anderson adds ``"n_fallback"``: (n,) steps that took its fallback step
     """
 
     h: object
@@ -76,44 +122,116 @@ class SolverResult:
                 f"iterations max {int(self.n_iter.max())} mean {self.n_iter.mean():.1f}, "
                 f"max rel residual {self.final_rel_residual.max():.2e}, stop {reasons}")
 
+    def failure_message(self, who: str | None = None) -> str:
+        """One line naming ``who`` (default: the solver), how many and which samples did not
+        converge, and why; ``""`` when every sample converged."""
+        return not_converged_message(who or self.solver, self.converged, self.stop_reason,
+                                     self.options.get("tol"), self.options.get("atol"))
 
-def check_common(tol, atol, max_iter, norm, stall_iter, divergence_factor):
-    """Validate the options every solver shares; raise naming the argument."""
-    if not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if not (np.isfinite(atol) and atol >= 0):
-        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
-    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if str(norm) not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if stall_iter is not None and not (isinstance(stall_iter, (int, np.integer)) and stall_iter >= 1):
-        raise ValueError(f"stall_iter must be None or an integer >= 1, got {stall_iter!r}")
-    if not (divergence_factor > 1):
-        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}")
+    def warn_if_not_converged(self, who: str | None = None, stacklevel: int = 2) -> bool:
+        """Warn with a ``ConvergenceWarning`` (``failure_message(who)``) unless every sample
+        converged; return whether it warned."""
+        msg = self.failure_message(who)
+        if msg:
+            warnings.warn(msg, ConvergenceWarning, stacklevel=stacklevel + 1)
+        return bool(msg)
 
 
-def check_lam(lam, name="lam"):
-    """λ must lie in (0, 1]."""
-    if not (isinstance(lam, (int, float, np.floating)) and 0 < lam <= 1):
-        raise ValueError(f"{name} must lie in (0, 1], got {lam!r}")
-    return float(lam)
+def not_converged_message(who, converged, stop_reason, tol=None, atol=None) -> str:
+    """``"who: 2 of 32 samples did not converge to tol=1e-05 (samples 3, 17; stop reasons:
+    diverged 1, max_iter 1)"``, or ``""`` when every sample converged."""
+    failed = np.flatnonzero(~np.asarray(converged, dtype=bool))
+    if failed.size == 0:
+        return ""
+    shown = ", ".join(str(i) for i in failed[:SHOWN_SAMPLES])
+    shown += ", ..." if failed.size > SHOWN_SAMPLES else ""
+    reasons = [stop_reason[i] for i in failed]
+    counts = ", ".join(f"{r} {reasons.count(r)}" for r in STOP_REASONS if r in reasons)
+    target = "" if tol is None else f" to tol={tol:g}" + (f", atol={atol:g}" if atol else "")
+    return (f"{who}: {failed.size} of {len(converged)} samples did not converge{target} "
+            f"(sample{'s' if failed.size > 1 else ''} {shown}; stop reasons: {counts})")
 
 
-def check_memory(m, name="m"):
-    if not (isinstance(m, (int, np.integer)) and m >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {m!r}")
-    return int(m)
+def check_common(tol, atol, max_iter, norm, stall_iter, divergence_factor) -> dict:
+    """Validate the options every solver shares (errors name the argument); return them as
+    plain Python values."""
+    if is_real(norm) and (norm == 2 or norm == math.inf):       # norm=2 or np.inf: as "2", "inf"
+        norm = "2" if norm == 2 else "inf"
+    return dict(tol=check_real("tol", tol, lo=0), atol=check_real("atol", atol, lo=0),
+                max_iter=check_int("max_iter", max_iter, minimum=1),
+                norm=check_choice("norm", norm, NORMS),
+                stall_iter=check_optional_int("stall_iter", stall_iter, minimum=1),
+                divergence_factor=check_real("divergence_factor", divergence_factor, lo=1,
+                                             lo_open=True))
+
+
+def check_lam(lam, name="lam") -> float:
+    """A damping or mixing factor λ ∈ (0, 1]."""
+    try:
+        return check_real(name, lam, lo=0, hi=1, lo_open=True)
+    except ValueError:
+        raise ValueError(f"{name} must lie in (0, 1], got {lam!r}") from None
+
+
+def check_memory(m, name="m") -> int:
+    """A memory size m >= 1 (not a bool)."""
+    return check_int(name, m, minimum=1)
+
+
+def row_norms(vectors, norm: str = "2") -> np.ndarray:
+    """‖v‖ of every row of each (n, d) backend array in ``vectors``, as a host float64 array
+    (len(vectors), n), with one device-to-host transfer on the usual path.
+
+    ``norm="2"``: √(v·v) per row; rows where v·v overflowed or fell below the smallest normal
+    number are recomputed as s · √((v/s)·(v/s)), s = max|v_i| (finite for every finite v
+    whose norm fits in float64). ``norm="inf"``: max|v_i|, which cannot overflow.
+    """
+    xp = backend_of(vectors[0]).xp
+    if norm == "inf":
+        return to_numpy(xp.stack([xp.max(xp.abs(v), axis=1) for v in vectors])).astype(np.float64)
+    # √(v·v) row by row: one pass and no temporary; vector_norm squares into a temporary the
+    # size of v, which at d = 512, n = 256 made each residual record ~10x slower (page faults)
+    with np.errstate(over="ignore", under="ignore"):                 # rows redone below
+        out = to_numpy(xp.stack([xp.sqrt(xp.vecdot(v, v, axis=-1)) for v in vectors]))
+    out = out.astype(np.float64)
+    tiny = math.sqrt(float(np.finfo(dtype_name(vectors[0])).tiny))   # √(smallest normal)
+    redo = ~np.isfinite(out) | (out < tiny)                          # (k, n) host
+    for k in np.flatnonzero(redo.any(axis=1)):                       # rare: rescale those rows
+        out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k]), out[k])
+    return out
+
+
+def pow2_scale(norms, dtype: str) -> np.ndarray:
+    """2^e per sample with norms / 2^e in [0.5, 1); 1 where a norm is 0 or not finite, and e
+    kept inside the dtype's exponent range. Dividing by a power of two is exact (short of
+    underflow), so arithmetic on scaled vectors gives the same bits, scaled."""
+    norms = np.asarray(norms, dtype=np.float64)
+    usable = np.isfinite(norms) & (norms > 0)
+    e = np.frexp(np.where(usable, norms, 1.0))[1]
+    info = np.finfo(dtype)
+    return np.ldexp(1.0, np.clip(e, info.minexp + 1, info.maxexp - 1))
+
+
+def _scaled_norms(xp, v) -> np.ndarray:
+    """s · √((v/s)·(v/s)), s = max|v_i| per row, the product taken on the host in float64."""
+    s = xp.max(xp.abs(v), axis=1)                                    # (n,)
+    w = v / xp.where(s > 0, s, xp.ones_like(s))[:, None]             # entries in [−1, 1]
+    s_h, q = to_numpy(xp.stack([s, xp.sqrt(xp.vecdot(w, w, axis=-1))])).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return s_h * q                                               # 0 · q = 0 for v = 0
+
+
+def _at_least_1(v) -> np.ndarray:
+    """max(v, 1), with 1 where v is not finite (that sample has diverged already)."""
+    return np.maximum(np.nan_to_num(v, nan=1.0, posinf=1.0), 1.0)
 
 
 class Monitor:
-    """Per-sample residual traces, convergence, divergence and stagnation.
+    """Per-sample residual traces and the stop tests of this module's docstring.
 
-    ``record(h, Fh)`` is called once for the initial guess and once after each
-    update; it returns the (n,) host mask of samples still iterating.
-    A sample diverges when its residual is not finite or exceeds
-    ``divergence_factor · max(r_abs(h_0), 1)``; it stagnates when its best
-    absolute residual has not decreased for ``stall_iter`` consecutive updates.
+    ``record(h, Fh)`` is called once for the initial guess and once after each update; it
+    returns the (n,) host mask of samples still iterating, and leaves in ``newly_bad`` the
+    samples that diverged at this record (the solvers then keep their previous iterate).
     """
 
     def __init__(self, n, *, tol, atol, norm, stall_iter, divergence_factor, max_iter, name, warn):
@@ -127,40 +245,42 @@ class Monitor:
         self.n_iter = np.zeros(n, dtype=np.int64)
         self.best = np.full(n, np.inf)
         self.since_best = np.zeros(n, dtype=np.int64)
-        self.limit = None
+        self.S0 = self.limit = self.runaway = self.eps = None        # set by the first record
         self.n_records = 0
 
-    def norms(self, v):
-        xp = backend_of(v).xp
-        if self.norm == "inf":
-            return xp.max(xp.abs(v), axis=1)
-        # √(v·v) row by row: one pass and no temporary; vector_norm squares into a temporary the
-        # size of v, which at d = 512, n = 256 made each residual record ~10x slower (page faults)
-        return xp.sqrt(xp.vecdot(v, v, axis=-1))
+    def start(self, h, r_abs, f, hn):
+        """The per-sample constants of the first record: S_0 and the divergence limits."""
+        self.eps = float(np.finfo(dtype_name(h)).eps)
+        self.S0 = np.maximum(hn, f)                                    # S_0 = max(‖h_0‖, ‖F(h_0)‖)
+        self.limit = self.divergence_factor * _at_least_1(r_abs)      # on r_abs
+        self.runaway = self.divergence_factor * _at_least_1(self.S0)  # on ‖h‖
 
     def record(self, h, Fh) -> np.ndarray:
-        xp = backend_of(h).xp
-        # both norms in one transfer to the host (one device synchronisation on a GPU)
-        r_abs, f = to_numpy(xp.stack([self.norms(Fh - h), self.norms(Fh)])).astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r_rel = np.where(f > 0, r_abs / np.where(f > 0, f, 1.0), np.where(r_abs > 0, np.inf, 0.0))
         first = self.n_records == 0
+        if first and tuple(Fh.shape) != tuple(h.shape):
+            raise ValueError(f"F(h0, x) must return an array of the shape of h0 {tuple(h.shape)}, "
+                             f"got {tuple(Fh.shape)}")
+        # the three norms in one transfer to the host (one device synchronisation on a GPU)
+        r_abs, f, hn = self.last_norms = row_norms([Fh - h, Fh, h], self.norm)   # (n,) float64
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r_rel = np.where((f == 0) & (r_abs == 0), 0.0, r_abs / f)  # r/0 = inf; NaN stays NaN
         if first:
-            self.limit = self.divergence_factor * np.maximum(np.nan_to_num(r_abs, nan=1.0, posinf=1.0), 1.0)
+            self.start(h, r_abs, f, hn)
         act = self.active
         self.abs_rows.append(r_abs)           # traces are cut per sample in ``finish``
         self.rel_rows.append(r_rel)
         self.act_rows.append(act)
         if not first:
             self.n_iter[act] += 1
-        ok = (r_rel <= self.tol) | (r_abs <= self.atol)
-        bad = ~np.isfinite(r_abs) | (r_abs > self.limit)      # r_rel = inf when F(h) = 0 ≠ h
-        improved = r_abs < self.best
+        bad = self.diverged_mask(r_abs, f, hn)
+        ok = self.converged_mask(r_abs, f, hn) & ~bad                  # diverged comes first
+        with np.errstate(invalid="ignore"):
+            improved = r_abs < self.best
         self.best = np.where(act & improved, r_abs, self.best)
         self.since_best = np.where(act & ~improved, self.since_best + 1, 0)
         stalled = (self.since_best >= self.stall_iter) if self.stall_iter else np.zeros(self.n, bool)
         self.newly_bad = act & bad
-        for mask, reason in ((act & ok, "tolerance"), (act & ~ok & bad, "diverged"),
+        for mask, reason in ((act & bad, "diverged"), (act & ok, "tolerance"),
                              (act & ~ok & ~bad & stalled, "stagnated")):
             for i in np.flatnonzero(mask):
                 self.reason[i] = reason
@@ -169,16 +289,31 @@ class Monitor:
         self.n_records += 1
         return self.active
 
+    def converged_mask(self, r_abs, f, hn) -> np.ndarray:
+        """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, S_0) and r_abs ≤ √tol·S_0)]"""
+        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        with np.errstate(invalid="ignore"):
+            relative = ((r_abs <= self.tol * np.maximum(f, self.S0))
+                        & (r_abs <= math.sqrt(self.tol) * self.S0))
+            return finite & ((r_abs <= self.atol) | relative)
+
+    def diverged_mask(self, r_abs, f, hn) -> np.ndarray:
+        """anything non-finite, r_abs > factor·max(r_abs(h_0), 1), ‖h‖ > factor·max(S_0, 1),
+        or eps·‖h‖ > S_0"""
+        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        with np.errstate(invalid="ignore"):
+            unresolved = self.eps * hn > self.S0
+            return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
+
     def finish(self, h, *, n_F, options, **kw) -> SolverResult:
-        reasons = tuple(self.reason)
-        if self.warn and not self.converged.all():
-            counts = {r: reasons.count(r) for r in STOP_REASONS[1:] if r in reasons}
-            warnings.warn(f"{self.name}: {int((~self.converged).sum())} of {self.n} samples did not "
-                          f"converge to tol={self.tol:g} ({counts})", ConvergenceWarning, stacklevel=3)
         act = np.stack(self.act_rows)                                # (records, n)
         A, R = np.stack(self.abs_rows), np.stack(self.rel_rows)      # (records, n)
-        return SolverResult(
-            h=h, converged=self.converged.copy(), n_iter=self.n_iter.copy(), stop_reason=reasons,
+        res = SolverResult(
+            h=h, converged=self.converged.copy(), n_iter=self.n_iter.copy(),
+            stop_reason=tuple(self.reason),
             abs_residual=[A[act[:, i], i] for i in range(self.n)],    # while sample i was active
             rel_residual=[R[act[:, i], i] for i in range(self.n)],
-            n_F=n_F, solver=self.name, options=options, **kw)
+            n_F=n_F, solver=self.name, options=options, extra={"S0": self.S0}, **kw)
+        if self.warn:
+            res.warn_if_not_converged(stacklevel=3)
+        return res
