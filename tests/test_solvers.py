@@ -12,6 +12,7 @@ from helpers import assert_close
 from conftest import host
 
 D, DX, N = 12, 4, 3
+D_SECANT = 8
 
 
 def problem(be, activation="tanh", seed=0, d=D, L_h=0.9):
@@ -102,24 +103,36 @@ def test_broyden_dense_and_lowrank_same_iterates(be, arr):
     assert_close(host(a.B_inv.dense()), host(b.B_inv.dense()), 1e-12, "B_inv")
 
 
+def step_pair(layer, X, res):
+    """(Δh, Δg) of the last step of a run with a trajectory, recomputed on the host   # (n, d)"""
+    h1, h0 = res.trajectory[-1], res.trajectory[-2]
+    dh = host(h1) - host(h0)
+    dg = (host(layer(h1, X)) - host(h1)) - (host(layer(h0, X)) - host(h0))
+    return dh, dg
+
+
 def test_broyden_secant_condition_after_every_update(be, arr):
-    layer, x = problem(be, "softplus", d=8)
+    layer, x = problem(be, "softplus", d=D_SECANT)
     X = arr(x)
     full = solve(layer, X, method="broyden", tol=1e-12, max_iter=25, return_trajectory=True,
                  warn=False)
     T = int(full.n_iter.min())
     assert T >= 5
-    for form in ("dense", "lowrank"):
+    eps = np.finfo(np.float64).eps
+    for form in ("dense", "lowrank"):                        # lowrank: m = 30 ≥ T, memory not full
         for t in range(1, T + 1):
             # the run stopped after t updates ends with B_t⁻¹ built from the t-th step
             res = solve(layer, X, method="broyden", form=form, tol=0.0, max_iter=t, warn=False,
                         return_trajectory=True)
-            h1, h0 = res.trajectory[-1], res.trajectory[-2]
-            dh = host(h1) - host(h0)
-            dg = (host(layer(h1, X)) - host(h1)) - (host(layer(h0, X)) - host(h0))
+            dh, dg = step_pair(layer, X, res)
             B_dg = host(res.B_inv.matvec(arr(dg)))
             assert np.all(res.n_skipped == 0)
-            assert_close(B_dg, dh, 1e-9, f"secant B⁻¹Δg = Δh ({form}, t={t})")
+            # exact in exact arithmetic: B_t⁻¹Δg = B_{t−1}⁻¹Δg + u (vᵀΔg) with vᵀΔg = Δhᵀ B_{t−1}⁻¹ Δg,
+            # the denominator of u. Each side is a sum of d products rounded once (≤ d eps),
+            # amplified by the dot product's condition κ = ‖Δh‖ ‖B_{t−1}⁻¹Δg‖ / |Δhᵀ B_{t−1}⁻¹Δg|,
+            # ≈ 1 here since B_{t−1}⁻¹Δg ≈ Δh (measured ≤ 1.07): 8 d eps = 1.4e-14 leaves a
+            # factor 4 for κ and the sum on top of d eps. Measured error ≤ 2.6e-16.
+            assert_close(B_dg, dh, 8 * D_SECANT * eps, f"secant B⁻¹Δg = Δh ({form}, t={t})")
 
 
 @pytest.mark.parametrize("d", [3, 6, 10])
@@ -130,11 +143,88 @@ def test_broyden_exact_on_linear_map_within_2d_steps(be, arr, d):
     assert res.all_converged and res.n_iter.max() <= 2 * d
 
 
-def test_lowrank_limited_memory_keeps_last_m(be, arr):
+def limited_memory_broyden(F, h0, m, n_steps):
+    """Limited-memory good Broyden for one sample, written out in plain NumPy: B⁻¹ = −I + Σ u vᵀ
+    over the last m pairs, the oldest dropped first. Returns the iterates (n_steps + 1, d) and
+    every pair (u, v) in the order applied."""
+    pairs, h = [], h0
+    g = F(h) - h
+
+    def B_inv(w):
+        return -w + sum(u * (v @ w) for u, v in pairs[-m:])
+
+    def B_invT(w):
+        return -w + sum(v * (u @ w) for u, v in pairs[-m:])
+
+    traj = [h]
+    for _ in range(n_steps):
+        h_new = h - B_inv(g)
+        g_new = F(h_new) - h_new
+        dh, dg = h_new - h, g_new - g
+        B_dg = B_inv(dg)
+        pairs.append(((dh - B_dg) / (dh @ B_dg), B_invT(dh)))
+        h, g = h_new, g_new
+        traj.append(h)
+    return np.array(traj), pairs
+
+
+def host_layer(layer, x_i):
+    W, U, b = (host(a) for a in (layer.W, layer.U, layer.b))
+    return lambda h: np.tanh(W @ h + U @ x_i + b)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_lowrank_limited_memory_against_independent_loop(be, arr, m):
+    """Memory full (m < iterations): the iterates and the kept pairs are those of limited-memory
+    Broyden with drop-oldest, written as a per-sample loop in the test."""
     layer, x = problem(be, "tanh", d=10)
-    res = solve(layer, arr(x), method="broyden", m=3, tol=1e-12, max_iter=200)
-    assert res.all_converged
-    assert res.B_inv.Us.shape[1] == 3
+    res = solve(layer, arr(x), method="broyden", m=m, tol=1e-10, max_iter=200,
+                return_trajectory=True)
+    assert res.all_converged and np.all(res.n_skipped == 0)
+    assert res.n_iter.min() >= m + 5                      # the regime under test
+    traj = np.stack([host(t) for t in res.trajectory])    # (T + 1, n, d)
+    Us, Vs = host(res.B_inv.Us), host(res.B_inv.Vs)       # (n, m, d)
+    eps = np.finfo(np.float64).eps
+    for i in range(N):
+        T = int(res.n_iter[i])
+        ref, pairs = limited_memory_broyden(host_layer(layer, x[i]), np.zeros(10), m, T)
+        # the same formulas in another order. B⁻¹'s rounding differences grow like eps / r_rel,
+        # but they multiply g, of size r_rel ‖F‖: the iterates stay eps-close. 500 eps = 1.1e-13
+        # leaves room for the ~20 steps; measured ≤ 2.7e-16
+        assert_close(traj[:T + 1, i], ref, 500 * eps, f"iterates, m={m}, sample {i}")
+        for k, (u, v) in enumerate(pairs[-m:], start=T - m):   # update k+1 sits in slot k mod m
+            slot = k % m
+            # u ∝ Δh − B⁻¹Δg = −B⁻¹ g_{k+1}, of size r_rel(h_{k+1}) ‖F‖, computed from iterates
+            # that differ by eps ‖h‖ between the two codes: relative error eps / r_rel(h_{k+1})
+            # (measured ≤ 2.1×that). Pairs are kept up to a power of two per sample: compare u vᵀ.
+            # Keeping the wrong pairs differs by 0.1–0.5.
+            rtol = 100 * eps / res.rel_residual[i][k + 1]
+            assert_close(np.outer(Us[i, slot], Vs[i, slot]), np.outer(u, v), rtol,
+                         f"pair {k + 1} in slot {slot}, m={m}, sample {i}")
+
+
+def test_lowrank_secant_condition_once_memory_is_full(be, arr):
+    """What holds after update k > m: B_k⁻¹Δg = Δh − u_old (v_oldᵀΔg), with (u_old, v_old) the
+    pair the update wrote over; the plain secant condition B_k⁻¹Δg = Δh does not."""
+    layer, x = problem(be, "softplus", d=8)
+    X, m = arr(x), 2
+    eps = np.finfo(np.float64).eps
+    for k in range(m + 1, 9):
+        before = solve(layer, X, method="broyden", m=m, tol=0.0, max_iter=k - 1, warn=False)
+        res = solve(layer, X, method="broyden", m=m, tol=0.0, max_iter=k, warn=False,
+                    return_trajectory=True)
+        assert np.all(res.B_inv.n_updates == k)
+        dh, dg = step_pair(layer, X, res)
+        slot = (k - 1) % m                                 # update k wrote into this slot
+        u_old, v_old = host(before.B_inv.Us)[:, slot], host(before.B_inv.Vs)[:, slot]
+        B_dg = host(res.B_inv.matvec(arr(dg)))
+        dropped = u_old * np.sum(v_old * dg, axis=1, keepdims=True)
+        # as in the secant test above: d products rounded once, κ ≤ 1.04 measured; the error
+        # measured is ≤ 1.7e-16
+        assert_close(B_dg, dh - dropped, 8 * D_SECANT * eps, f"B_k⁻¹Δg, k={k}")
+        # the dropped term is not small: measured 0.06–0.12 of ‖Δh‖
+        secant = np.abs(B_dg - dh).max() / np.abs(dh).max()
+        assert secant > 1e-2, f"k={k}: the plain secant condition should not hold ({secant:.1e})"
 
 
 def test_non_contractive_diverges(be, arr):
