@@ -59,12 +59,16 @@ def _system(layer, x, h_star):
     return A
 
 
-def adjoint_dense(layer, x, h_star, grad_h):
-    """y = (I − ∂F/∂h|_{h*})⁻¹ g per sample, by dense solves   # (n, d)"""
-    check_arrays(layer, x, h_star=h_star, grad_h=grad_h)
+def _adjoint(layer, x, h_star, grad_h):
     A = _system(layer, x, h_star)                                        # (n, d, d)
     ys = [layer.backend.solve(A[i, ...], grad_h[i, ...]) for i in range(h_star.shape[0])]
     return layer.xp.stack(ys, axis=0)                                    # (n, d)
+
+
+def adjoint_dense(layer, x, h_star, grad_h):
+    """y = (I − ∂F/∂h|_{h*})⁻¹ g per sample, by dense solves   # (n, d)"""
+    check_arrays(layer, x, h_star=h_star, grad_h=grad_h)
+    return _adjoint(layer, x, h_star, grad_h)
 
 
 def _dense(layer, x, h_star, grad_h, matrix, options, result) -> Gradient:
@@ -80,7 +84,7 @@ def _dense(layer, x, h_star, grad_h, matrix, options, result) -> Gradient:
         return make_gradient(layer, layer.unflatten(theta), grad_x, "implicit_dense", options,
                              {"A": A, "A_x": A_x, "dense_solves": 2 * IJ.shape[0]},
                              grad_h=grad_h, result=result)
-    y = adjoint_dense(layer, x, h_star, grad_h)                          # (n, d)
+    y = _adjoint(layer, x, h_star, grad_h)                               # (n, d)
     grads = layer.vjp_theta(h_star, x, y)
     grad_x = layer.vjp_x(h_star, x, y)
     n = h_star.shape[0]
