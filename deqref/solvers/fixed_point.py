@@ -25,8 +25,8 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
     layer : a ``deqref.layers.Layer``, or a plain callable F(h, x) -> (n, d) (then h0 is required)
     x : (n, d_x) array;  h0 : (n, d) array or None (zeros; a layer only)
     lam : damping λ ∈ (0, 1] of Eq. (13); 1 gives plain iteration, Eq. (10)
-    tol, atol : stop a sample once it has converged: r_abs ≤ atol, or r_abs ≤ tol · max(‖F(h)‖, S_0)
-        and r_abs ≤ √tol · S_0 with S_0 = max(‖h_0‖, ‖F(h_0)‖) (``deqref.solvers.result``)
+    tol, atol : stop a sample once it has converged: r_abs ≤ atol, or r_abs ≤ tol · max(‖F(h)‖, s)
+        and r_abs ≤ s, with s = √tol · S_0 and S_0 = max(‖h_0‖, ‖F(h_0)‖) (``deqref.solvers.result``)
     max_iter : at most this many updates;  norm : "2" or "inf"
     stall_iter : stop a sample as "stagnated" after this many updates without a new
         lowest residual (None: never)

@@ -9,14 +9,14 @@ with ‖·‖ the Euclidean norm (``norm="2"``) or the max-norm (``norm="inf"``)
 - starting scale      S_0 = max(‖h_0‖, ‖F(h_0)‖)       (the initial guess and its image)
 
 **converged** ⇔ r_abs is finite and
-    [ r_abs ≤ atol   or   ( r_abs ≤ tol · max(‖F(h)‖, S_0)   and   r_abs ≤ √tol · S_0 ) ].
-The first test in the parenthesis is the relative test r_rel ≤ tol, extended so that a fixed
-point at (or near) 0 can pass: there ‖F(h)‖ → 0, and the residual passes once it has fallen
-below tol times the starting scale. The second test is what an iterate running away cannot
-meet: where no fixed point exists (F(h) = h + 1), ‖F(h)‖ grows and r_rel shrinks, but r_abs
-never falls well below the starting scale. Wherever S_0 ≤ ‖F(h)‖ ≤ S_0 / √tol (the usual
-case: the image grows from the start, and not by orders of magnitude) the parenthesis is
-exactly r_rel ≤ tol.
+    [ r_abs ≤ atol   or   ( r_abs ≤ tol · max(‖F(h)‖, s)   and   r_abs ≤ s ) ],   s = √tol · S_0.
+The first test in the parenthesis is the relative test r_rel ≤ tol, with its denominator
+floored at s so that a fixed point at (or near) 0 can pass: there ‖F(h)‖ → 0, and the residual
+passes once it has fallen below tol · s = tol^{3/2} · S_0. The second test is what an iterate
+running away cannot meet: where no fixed point exists (F(h) = h + 1), ‖F(h)‖ grows and r_rel
+shrinks, but r_abs never falls well below the starting scale. Wherever s ≤ ‖F(h)‖ ≤ S_0 / √tol
+(the usual case: the image does not shrink or grow by orders of magnitude from the start) the
+parenthesis is exactly r_rel ≤ tol, the relative test of TorchDEQ's ``f_stop_mode="rel"``.
 
 **diverged** ⇔ anything is not finite (r_abs, ‖F(h)‖ or ‖h‖), or
 r_abs > divergence_factor · max(r_abs(h_0), 1), or the iterate ran away:
@@ -290,11 +290,11 @@ class Monitor:
         return self.active
 
     def converged_mask(self, r_abs, f, hn) -> np.ndarray:
-        """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, S_0) and r_abs ≤ √tol·S_0)]"""
+        """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, s) and r_abs ≤ s)], s = √tol·S_0"""
         finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        s = math.sqrt(self.tol) * self.S0                              # (n,) the floor of ‖F(h)‖
         with np.errstate(invalid="ignore"):
-            relative = ((r_abs <= self.tol * np.maximum(f, self.S0))
-                        & (r_abs <= math.sqrt(self.tol) * self.S0))
+            relative = (r_abs <= self.tol * np.maximum(f, s)) & (r_abs <= s)
             return finite & ((r_abs <= self.atol) | relative)
 
     def diverged_mask(self, r_abs, f, hn) -> np.ndarray:
