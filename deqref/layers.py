@@ -103,11 +103,15 @@ class Layer:
         """A seeded random layer with ‖W‖₂ = L_h exactly and W non-symmetric.
 
         W, U have i.i.d. N(0, 1/d) (resp. N(0, 1/d_x)) entries before W is normalized;
-        b ~ N(0, 0.1²). Draws come from ``numpy.random.default_rng(seed)``.
+        b ~ N(0, 0.1²). Draws come from ``numpy.random.default_rng(seed)``. L_h must lie in
+        [√tiny, √max] of the dtype (1.5e-154 … 1.3e154 in float64, 1.1e-19 … 1.8e19 in float32):
+        outside it W's entries leave the normal numbers and ‖W‖₂ = L_h cannot hold.
         """
         d, d_x = check_int("d", d, minimum=1), check_int("d_x", d_x, minimum=1)
         check_activation(activation)
         seed, dtype = check_seed(seed), check_choice("dtype", dtype, DTYPES)
+        fi = np.finfo(dtype)
+        check_real("L_h", L_h, lo=float(np.sqrt(fi.tiny)), hi=float(np.sqrt(fi.max)))
         be = check_backend(backend)
         rng = np.random.default_rng(seed)
         W = spectral_normalize(rng.standard_normal((d, d)) / np.sqrt(d), L_h)

@@ -83,9 +83,23 @@ def test_seeds_are_integers_at_least_zero(call):
     raises_one_line(ValueError, "seed", call, "must be an integer >= 0")
 
 
-@pytest.mark.parametrize("L_h", [-1.0, 0.0, float("inf"), "0.9", None])
+@pytest.mark.parametrize("L_h", [-1.0, 0.0, float("inf"), "0.9", None, 5e-324, 1e-160, 1e300])
 def test_layer_random_checks_L_h(L_h):
-    raises_one_line(ValueError, "L_h", lambda: Layer.random(3, 2, seed=0, L_h=L_h), "> 0")
+    # outside [√tiny, √max] of float64 W's entries leave the normal numbers: ‖W‖₂ = L_h cannot hold
+    raises_one_line(ValueError, "L_h", lambda: Layer.random(3, 2, seed=0, L_h=L_h), "finite number in [")
+
+
+@pytest.mark.parametrize("dtype,L_h", [("float64", 1e-150), ("float64", 1e150), ("float32", 2e-19),
+                                       ("float32", 1e19)])
+def test_layer_random_meets_L_h_at_the_ends_of_its_range(dtype, L_h):
+    """‖W‖₂ = L_h to the dtype's rounding (the SVD's, a few eps) at the extremes it accepts."""
+    W = np.asarray(Layer.random(4, 2, seed=0, L_h=L_h, dtype=dtype).W, dtype=np.float64)
+    assert abs(np.linalg.norm(W, 2) - L_h) <= 16 * np.finfo(dtype).eps * L_h
+
+
+def test_layer_random_refuses_float32_L_h_outside_its_range():
+    raises_one_line(ValueError, "L_h", lambda: Layer.random(3, 2, seed=0, L_h=1e-30, dtype="float32"),
+                    "finite number in [")
 
 
 def test_spectral_normalize_refuses_what_it_cannot_scale():
