@@ -36,6 +36,7 @@ References
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,36 @@ def _i_minus_j(J: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _norm2(M) -> float:
     return float(np.linalg.norm(M, 2))
+
+
+def _finite(who: str, inputs: str, **values) -> None:
+    """Raise FloatingPointError naming the checker and its ``inputs`` when a computed value
+    overflowed float64 (finite inputs so large that a product or a norm is out of range)."""
+    for name, v in values.items():
+        if v is not None and not np.all(np.isfinite(v)):
+            raise FloatingPointError(f"{who}: {name} is not finite in float64: {inputs} are too large "
+                                     "for this check (scale them down)")
+
+
+def _quiet(checker):
+    """Run a checker without NumPy's overflow warnings: ``_finite`` turns an overflow into one
+    FloatingPointError naming the checker instead."""
+    @functools.wraps(checker)
+    def run(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            return checker(*args, **kwargs)
+    return run
+
+
+def _vector_norm(v: np.ndarray) -> float:
+    """‖v‖ without overflow or underflow for finite v: far from 1 it is taken of v·2^−e (an exact
+    scaling, e the exponent of max |v|); near 1 it is plain ‖v‖ (the same bits as before)."""
+    m = float(np.max(np.abs(v)))
+    if m == 0 or 2.0 ** -500 < m < 2.0 ** 500:
+        return float(np.linalg.norm(v))
+    e = int(np.frexp(m)[1])
+    with np.errstate(over="ignore"):
+        return float(np.ldexp(np.linalg.norm(np.ldexp(v, -e)), e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +211,7 @@ class Theorem1Report:
         return f"(7) does not hold: <Ag, Eg> < 0 for some g (min {self.worst_inner:.6g}); {six}{tail}"
 
 
+@_quiet
 def theorem1(A, Phi, J, g=None) -> Theorem1Report:
     """Theorem 1 for one sample: A (d_θ, d), Φ = ∂F/∂θ (d_θ, d), J = ∂F/∂h (d, d), g (d,).
 
@@ -189,26 +221,34 @@ def theorem1(A, Phi, J, g=None) -> Theorem1Report:
     """
     Phi, J = _jacobians(Phi, J)
     A = _array("A", A, Phi.shape)
+    g = None if g is None else _array("g", g, (J.shape[0],))
+    return _theorem1(A, Phi, J, g, "theorem1", "A, Phi, J, g")
+
+
+def _theorem1(A, Phi, J, g, who: str, inputs: str) -> Theorem1Report:
+    """Theorem 1 on checked arrays; ``who`` and ``inputs`` name the caller in errors."""
     d = J.shape[0]
     IJ, _ = _i_minus_j(J)
     s_max, s_min = _sigma(Phi)
     lhs = _norm2(A @ IJ - Phi)                                             # (6), left
-    rhs = s_min ** 2 / s_max                                               # (6), right
+    rhs = float(np.float64(s_min) ** 2 / s_max)                            # (6), right
     E = _exact(Phi, J)                                                     # (d_θ, d)
     S = A.T @ E                                                            # (d, d): ⟨Ag, Eg⟩ = gᵀSg
+    _finite(who, inputs, **{"A^T E": S, "A (I - J) - Phi": lhs, "sigma_min^2 / sigma_max": rhs})
     worst = float(np.linalg.eigvalsh(0.5 * (S + S.T)).min())
     # rounding in forming S is ~ d·eps·‖A‖‖E‖; below that a negative value is noise
     tol = _slack(d, _norm2(A) * _norm2(E))
     inner = cosine_ = None
     if g is not None:
-        g = _array("g", g, (d,))
         a, e = A @ g, E @ g                                                # (d_θ,) each
         inner = float(a @ e)
         norms = float(np.linalg.norm(a) * np.linalg.norm(e))
         cosine_ = float(inner / norms) if norms > 0 else None
+    _finite(who, inputs, worst_inner=worst, tolerance=tol, inner=inner, cosine=cosine_)
     return Theorem1Report(lhs, rhs, lhs <= rhs, inner, cosine_, worst, worst >= -tol, tol)
 
 
+@_quiet
 def remark1(D, Phi, J) -> dict:
     """Remark 1 for A = Φ D: (8) ‖D(I − J) − I‖ ≤ 1/κ² of Φ implies (6) (and so (7)).
 
@@ -223,8 +263,10 @@ def remark1(D, Phi, J) -> dict:
     s_max, s_min = _sigma(Phi)
     kappa = s_max / s_min if s_min > 0 else float("inf")
     lhs = _norm2(D @ (np.eye(d) - J) - np.eye(d))                          # (8), left
-    rhs = 1.0 / kappa ** 2                                                 # (8), right
-    t1 = theorem1(Phi @ D, Phi, J)                                         # (6) and (7) for A = Φ D
+    rhs = float(1.0 / np.float64(kappa) ** 2)                              # (8), right
+    A = Phi @ D                                                            # (d_θ, d)
+    _finite("remark1", "D, Phi, J", **{"D (I - J) - I": lhs, "A = Phi D": A})
+    t1 = _theorem1(A, Phi, J, None, "remark1", "D, Phi, J")                # (6) and (7) for A = Φ D
     eight = {"(8)": lhs <= rhs}
     return {"lhs": lhs, "rhs": rhs, "kappa": kappa, "condition": lhs <= rhs, "assumption": lhs <= rhs,
             "lhs6": t1.lhs, "rhs6": t1.rhs, "condition6": t1.condition, "holds": t1.condition,
@@ -237,6 +279,7 @@ def remark1(D, Phi, J) -> dict:
 # bounds (19) and (22)
 
 
+@_quiet
 def bound19(A, Phi, J, L_h: float | None = None) -> dict:
     """Bound (19): if ‖J‖ ≤ L_h, then ‖A(I − J) − Φ‖ ≤ (1 + L_h) ‖A − E‖.
 
@@ -259,12 +302,14 @@ def bound19(A, Phi, J, L_h: float | None = None) -> dict:
     norm_A = _norm2(A)
     tol = _slack(d, norm_A * (1 + norm_J) + _norm2(Phi) + (1 + L_h) * (norm_A + cond * _norm2(E)))
     assumptions = {"|J| <= L_h": norm_J <= L_h + _slack(d, norm_J)}
+    _finite("bound19", "A, Phi, J", lhs=lhs, rhs=rhs, tolerance=tol)
     holds = lhs <= rhs + tol
     return {"lhs": lhs, "rhs": rhs, "L_h": L_h, "norm_J": norm_J, "holds": holds,
             "assumption": assumptions["|J| <= L_h"], "tolerance": tol,
             "verdict": _verdict(holds, lhs, rhs, assumptions, "(19)")}
 
 
+@_quiet
 def bound22(A, Phi, J, g, phantom=None, G: float | None = None) -> dict:
     """Bound (22) of Remark 3: ‖∂L/∂θ^ − ∂L/∂θ‖ ≤ ‖A − E‖ ‖g‖ ≤ ‖A − E‖ G.
 
@@ -290,6 +335,7 @@ def bound22(A, Phi, J, g, phantom=None, G: float | None = None) -> dict:
     tol = _slack(d, (norm_A + cond * _norm2(E)) * max(norm_g, G))
     assumptions = {"phantom = A g (5)": bool(np.linalg.norm(phantom - Ag) <= _slack(d, norm_A * norm_g)),
                    "|g| <= G": norm_g <= G + _slack(d, norm_g)}
+    _finite("bound22", "A, Phi, J, g, phantom", lhs=lhs, rhs=rhs, tolerance=tol)
     holds = lhs <= rhs + tol
     return {"lhs": lhs, "rhs": rhs, "G": G, "norm_g": norm_g, "holds": holds,
             "assumption": all(assumptions.values()), "assumptions": assumptions, "tolerance": tol,
@@ -307,31 +353,36 @@ def spectral_radius(M) -> float:
 
 def _partial_sum_errors(J: np.ndarray, lam: float, k_max: int) -> tuple[np.ndarray, float]:
     """‖S_k − (I − J)⁻¹‖ for k = 1 … k_max, S_k = λ Σ_{j<k} B^j accumulated term by term, the
-    limit by an LU inverse; and the rounding floor of those errors."""
+    limit by an LU inverse; and the rounding floor of those errors. Once a sum overflows
+    (ρ(B) > 1) the remaining errors are inf."""
     d = J.shape[0]
     B = lam * J + (1 - lam) * np.eye(d)                                    # (d, d), Eq. (15)
     inv = np.linalg.inv(np.eye(d) - J)
-    S, P, errors, mass = np.zeros((d, d)), np.eye(d), [], 0.0
-    with np.errstate(over="ignore", invalid="ignore"):                    # ρ(B) > 1 may overflow
-        for _ in range(k_max):
-            S = S + lam * P
-            mass += abs(lam) * float(np.linalg.norm(P))                    # Σ_j ‖λB^j‖_F
-            P = P @ B
-            errors.append(_norm2(S - inv) if np.all(np.isfinite(S)) else float("inf"))
+    S, P, mass = np.zeros((d, d)), np.eye(d), 0.0
+    errors = np.full(k_max, np.inf)
+    for k in range(k_max):
+        S = S + lam * P
+        term = abs(lam) * _vector_norm(P.ravel())                          # ‖λB^j‖_F
+        if not (np.all(np.isfinite(S)) and np.isfinite(mass + term)):
+            break
+        mass += term                                                       # Σ_j ‖λB^j‖_F
+        errors[k] = _norm2(S - inv)
+        P = P @ B
     floor = _slack(d, mass + np.linalg.cond(np.eye(d) - J) * _norm2(inv))
-    return np.array(errors), floor
+    return errors, floor
 
 
-def _fit_rate(errors: np.ndarray, floor: float) -> float:
+def _fit_rate(errors: np.ndarray, floor: float) -> float | None:
     """exp(slope) of log ‖S_k − (I − J)⁻¹‖ over the later half of the finite errors above the
-    rounding floor (NaN when fewer than 3 such points)."""
+    rounding floor (None when fewer than 3 such points)."""
     k = np.flatnonzero(np.isfinite(errors) & (errors > floor))
     k = k[len(k) // 2:] if len(k) >= 6 else k
     if len(k) < 3:
-        return float("nan")
+        return None
     return float(np.exp(np.polyfit(k, np.log(errors[k]), 1)[0]))
 
 
+@_quiet
 def theorem2(J, lam: float, k_max: int = 50, rate_rtol: float = 0.05) -> dict:
     """Theorem 2 (i): the Neumann partial sums S_k = λ Σ_{j<k} B^j, B = λJ + (1 − λ)I (Eq. 15),
     converge to (I − J)⁻¹, at the geometric rate ρ(B) (S_k − (I − J)⁻¹ = −B^k (I − J)⁻¹).
@@ -340,7 +391,8 @@ def theorem2(J, lam: float, k_max: int = 50, rate_rtol: float = 0.05) -> dict:
     (``lam_in_range``); ρ(J) < 1 is already enough for (i) and is reported too.
     Left side: the errors ‖S_k − (I − J)⁻¹‖, k = 1 … k_max, from the sums and an LU inverse,
     and the rate fitted to them (``fitted_rate``: exp of the slope of log error over the later
-    half of the errors above the rounding floor ``floor``). Right side: ρ(B) from the
+    half of the errors above the rounding floor ``floor``; None when fewer than 3 lie above it;
+    an error is inf where the sum overflowed). Right side: ρ(B) from the
     eigenvalues of B. ``holds`` ⇔ the errors converge (fitted rate < 1, or the last error at the
     rounding floor) and, where a rate could be fitted, |fitted − ρ(B)| ≤ rate_rtol · ρ(B)
     (``rate_matches``). The default 5 % allows the slowly varying factor (polynomial in k for
@@ -353,11 +405,12 @@ def theorem2(J, lam: float, k_max: int = 50, rate_rtol: float = 0.05) -> dict:
     _i_minus_j(J)
     d = J.shape[0]
     B = lam * J + (1 - lam) * np.eye(d)
+    _finite("theorem2", "J, lam", **{"B = lam J + (1 - lam) I": B})
     rho_J, rho_B, norm_J = spectral_radius(J), spectral_radius(B), _norm2(J)
     errors, floor = _partial_sum_errors(J, lam, k_max)
     rate = _fit_rate(errors, floor)
-    converges = bool(errors[-1] <= floor or rate < 1)
-    matches = None if np.isnan(rate) else bool(abs(rate - rho_B) <= rate_rtol * rho_B)
+    converges = bool(np.isfinite(errors[-1]) and (errors[-1] <= floor or (rate is not None and rate < 1)))
+    matches = None if rate is None else bool(abs(rate - rho_B) <= rate_rtol * rho_B)
     holds = converges and matches is not False
     assumptions = {"|J| < 1": norm_J < 1, "0 < lam <= 1": 0 < lam <= 1}
     return {"errors": errors, "rho_J": rho_J, "rho_B": rho_B, "norm_B": _norm2(B),
@@ -369,7 +422,7 @@ def theorem2(J, lam: float, k_max: int = 50, rate_rtol: float = 0.05) -> dict:
 
 
 def _theorem2_verdict(holds, converges, matches, rate, rho_B, last, assumptions) -> str:
-    what = (f"fitted rate {rate:.6g} vs rho(B) {rho_B:.6g}" if not np.isnan(rate)
+    what = (f"fitted rate {rate:.6g} vs rho(B) {rho_B:.6g}" if rate is not None
             else f"last error {last:.3g} at the rounding floor" if converges
             else f"last error {last:.3g}, no rate fitted")
     if holds:
@@ -387,7 +440,12 @@ def epsilon(phantom, exact) -> float:
     a, b = _array("phantom", phantom, None), _array("exact", exact, None)
     if a.size != b.size:
         raise ValueError(f"exact must have as many entries as phantom ({a.size}), got {b.size}")
-    return float(np.linalg.norm(a.ravel() - b.ravel()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = a.ravel() - b.ravel()
+    _finite("epsilon", "phantom, exact", **{"phantom - exact": diff})
+    eps = _vector_norm(diff)
+    _finite("epsilon", "phantom, exact", **{"|phantom - exact|": eps})
+    return eps
 
 
 def cosine(a, b) -> float:
@@ -395,10 +453,17 @@ def cosine(a, b) -> float:
     a, b = _array("a", a, None).ravel(), _array("b", b, None).ravel()
     if a.size != b.size:
         raise ValueError(f"b must have as many entries as a ({a.size}), got {b.size}")
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    if norms == 0:
+    if not np.any(a) or not np.any(b):
         raise ValueError(f"{'a' if not np.any(a) else 'b'} is zero: the cosine is undefined")
-    return float(a @ b / norms)
+    a, b = _unit_scale(a), _unit_scale(b)                                  # exact: powers of 2
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _unit_scale(v: np.ndarray) -> np.ndarray:
+    """v·2^−e with e the exponent of max |v| when that is far from 1 (so that v·v neither
+    overflows nor underflows), else v itself: an exact scaling that leaves a cosine unchanged."""
+    m = float(np.max(np.abs(v)))
+    return v if 2.0 ** -500 < m < 2.0 ** 500 else np.ldexp(v, -int(np.frexp(m)[1]))
 
 
 def _steps(name: str, a, T: int | None = None) -> np.ndarray:
@@ -409,6 +474,7 @@ def _steps(name: str, a, T: int | None = None) -> np.ndarray:
     return a
 
 
+@_quiet
 def condition20(phantom, exact, eps: float) -> dict:
     """Condition (20) of Theorem 3: ‖∂L/∂θ^ − ∂L/∂θ‖ ≤ ε at every step (almost surely).
 
@@ -422,15 +488,21 @@ def condition20(phantom, exact, eps: float) -> dict:
     exact = _steps("exact", exact)
     check_shape("exact", exact, phantom.shape)
     eps = check_real("eps", eps, lo=0)
-    errors = np.linalg.norm(phantom - exact, axis=1)                       # (T,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = phantom - exact                                             # (T, d_θ)
+    _finite("condition20", "phantom, exact", **{"phantom - exact": diff})
+    errors = np.array([_vector_norm(row) for row in diff])                 # (T,)
     lhs, worst = float(errors.max()), int(errors.argmax())
     # a difference of two gradients is off by ~eps·(‖phantom‖ + ‖exact‖) per step
-    tol = _slack(1, float(np.max(np.linalg.norm(phantom, axis=1) + np.linalg.norm(exact, axis=1))))
+    tol = _slack(1, max(_vector_norm(p) + _vector_norm(e) for p, e in zip(phantom, exact)))
+    _finite("condition20", "phantom, exact", errors=errors, tolerance=tol)
     holds = lhs <= eps + tol
     return {"lhs": lhs, "rhs": eps, "errors": errors, "worst_step": worst, "holds": holds, "tolerance": tol,
-            "verdict": _verdict(holds, lhs, eps, {}, "(20)") + f" (worst step {worst})"}
+            "verdict": f"(20) {'holds' if holds else 'does not hold'}: max_step |g_hat - g| = {lhs:.8g} "
+                       f"{'<=' if holds else '>'} eps = {eps:.8g} (worst step {worst})"}
 
 
+@_quiet
 def theorem3(eta, grad_sq, *, eps: float, ell: float, R_gap: float, G: float, M2: float,
              errors=None, phantom_sq=None) -> dict:
     """Theorem 3, bound (21) with its O(·) written out, checked on a training record.
@@ -466,6 +538,7 @@ def theorem3(eta, grad_sq, *, eps: float, ell: float, R_gap: float, G: float, M2
     sum_eta = np.cumsum(eta)                                               # (T,)
     lhs = np.cumsum(eta * grad_sq, axis=1).mean(axis=0) / sum_eta           # (T,), from the record
     rhs = (R_gap + 0.5 * ell * M2 * np.cumsum(eta ** 2)) / sum_eta + G * eps   # (T,), constants
+    _finite("theorem3", "eta, grad_sq and the constants", lhs=lhs, rhs=rhs)
     ok = lhs <= rhs * (1 + SLACK * T * EPS)                                # cumulative sums' rounding
     holds = bool(ok.all())
     worst = int(np.argmin(ok)) if not holds else int(np.argmax(lhs - rhs))   # first failure, or closest

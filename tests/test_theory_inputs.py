@@ -83,3 +83,43 @@ def test_backend_arrays_are_accepted(be):
     on_be = theory.theorem1(be.asarray(A), be.asarray(PHI), be.asarray(J), be.asarray(G))
     on_np = theory.theorem1(A, PHI, J, G)
     assert on_be == on_np
+
+
+# ------------------------------------------------------------------- float64 range: no inf, no NaN
+
+def test_overflowing_sides_raise_floating_point_error_naming_the_checker():
+    big = np.full((5, 3), 1e300)
+    with pytest.raises(FloatingPointError, match=r"^theorem1: A\^T E is not finite"):
+        theory.theorem1(big, big, J, G)
+    with pytest.raises(FloatingPointError, match=r"^remark1: .* D, Phi, J are too large"):
+        theory.remark1(np.full((3, 3), 1e300), big, J)                    # A = Φ D overflows
+    with pytest.raises(FloatingPointError, match=r"^epsilon: "):
+        theory.epsilon(np.full(3, 1.7e308), np.zeros(3))                  # |v| = 2.9e308 > max
+    with pytest.raises(FloatingPointError, match=r"^theorem3: lhs is not finite"):
+        theory.theorem3(np.full(3, 1e300), np.full(3, 1e300), eps=0, ell=1, R_gap=1, G=1, M2=1)
+
+
+def test_norms_and_cosines_do_not_overflow_for_finite_values():
+    """sqrt(v·v) overflows above ~1e154 and underflows below ~1e-162; the exact answers here are
+    √3·s and 2/√6 (a relative error of a few ulps is the rounding of one norm)."""
+    for s in (1e300, 1e-320, 1.0):
+        assert abs(theory.epsilon(np.full(3, s), np.zeros(3)) / (np.sqrt(3) * s) - 1) < 1e-14
+        assert abs(theory.cosine(np.full(3, s), np.array([s, 0, s])) - 2 / np.sqrt(6)) < 1e-15
+    a, b = np.random.default_rng(5).standard_normal((2, 50))
+    # in the ordinary range the values are NumPy's own, bit for bit (recorded training histories)
+    assert theory.epsilon(a, b) == float(np.linalg.norm(a - b))
+    assert theory.cosine(a, b) == float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_theorem2_reports_no_nan():
+    """A rate that cannot be fitted is None (J = 0: the sums are exact from k = 1); a sum that
+    overflows (ρ(B) = 2.5, k = 1000) gives inf errors past the overflow, a finite rounding floor,
+    the rate 2.5 fitted to the finite errors, and 'does not converge'."""
+    rep = theory.theorem2(np.zeros((3, 3)), 1.0)
+    assert rep["fitted_rate"] is None and rep["converges"] and rep["holds"], rep["verdict"]
+    Jx = np.random.default_rng(6).standard_normal((3, 3))
+    Jx *= 2.5 / np.abs(np.linalg.eigvals(Jx)).max()
+    rep = theory.theorem2(Jx, 1.0, k_max=1000)
+    assert np.isinf(rep["errors"][-1]) and not np.isnan(rep["errors"]).any()
+    assert np.isfinite(rep["floor"]) and abs(rep["fitted_rate"] - 2.5) < 0.05 * 2.5
+    assert not rep["converges"] and not rep["holds"], rep["verdict"]

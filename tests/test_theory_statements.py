@@ -172,6 +172,7 @@ def test_condition20_finds_the_worst_step():
     phantom = np.array([[0.1, 0.0], [0.3, 0.4], [0.0, -0.2]])               # errors 0.1, 0.5, 0.2
     rep = theory.condition20(phantom, exact, eps=0.4)
     assert not rep["holds"] and rep["worst_step"] == 1 and rep["lhs"] == 0.5, rep["verdict"]
+    assert rep["verdict"] == "(20) does not hold: max_step |g_hat - g| = 0.5 > eps = 0.4 (worst step 1)"
     np.testing.assert_allclose(rep["errors"], [0.1, 0.5, 0.2], rtol=1e-15)
     assert theory.condition20(phantom, exact, eps=0.5)["holds"]
 
