@@ -229,6 +229,15 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _cosine_or_none(a, b):
+    """cos∠(a, b), or None where either gradient is exactly 0 (it has no direction: recorded as
+    None, so a step whose exact gradient vanishes neither stops training nor records NaN)."""
+    try:
+        return cosine(a, b)
+    except ValueError:
+        return None
+
+
 def _loss(task, y_hat, y):
     return mse(y_hat, y) if task == "regression" else cross_entropy(y_hat, y)
 
@@ -471,15 +480,16 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
                 exact, warned_probe = recorded(implicit_dense, layer, xb, res.h, dh_star)
                 flagged = bool(_flags(exact, warned_probe, res))
                 if cfg.track_cosine:
-                    c = cosine(est.theta, exact.theta)
+                    c = _cosine_or_none(est.theta, exact.theta)
                     hist["step_cosine"].append(c)
                     hist["step_epsilon"].append(epsilon(est.theta, exact.theta))   # Theorem 3's ε
-                    cos_epoch.append(c)
+                    if c is not None:
+                        cos_epoch.append(c)
                 for label, opts in cfg.probes.items():
                     probe, warned_probe = recorded(estimate, label.split("@", 1)[0], layer, xb, res,
                                                    dh_star, **opts)
                     flagged = flagged or bool(_flags(probe, warned_probe, res))
-                    hist["probe_cosine"][label].append(cosine(probe.theta, exact.theta))
+                    hist["probe_cosine"][label].append(_cosine_or_none(probe.theta, exact.theta))
                 count["probe_flagged"] += int(flagged)
             model.set_params(new)
             t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
