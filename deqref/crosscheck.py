@@ -44,23 +44,73 @@ Estimator names ``<name>`` and what ``A g`` means for each (paper's layout, ∂F
 back with ``float``. The string array ``activation`` is a NumPy unicode array, so
 ``np.load(path, allow_pickle=False)`` reads every file.
 
+What ``deqref crosscheck`` refuses
+----------------------------------
+Key names are commands (``bptt_T<T>`` runs T steps) and ``.npy`` headers are claims, so a file
+is read in two passes. The first reads only the zip archive's directory and each member's
+``.npy`` header — no array data is decompressed — and checks every key name, dtype and shape
+against the table above and these bounds; only a file that passes is loaded:
+
+============================  ==========================  ========================================
+what                          bound                       why
+============================  ==========================  ========================================
+d (from ``W``)                1 ≤ d ≤ 4096                ``D_MAX``: one sample's dense B⁻¹ is
+                                                          then 128 MiB
+n (from ``x``)                1 ≤ n ≤ 100000              ``N_MAX``
+d_x (from ``U``)              ≥ 1
+n · d²                        ≤ 2²⁴ = 16,777,216          ``DENSE_MAX``: the reference is dense
+                                                          (Broyden's B⁻¹, I − ∂F/∂h: (n, d, d))
+all arrays, by their headers  ≤ 2²⁸ B = 256 MiB           ``BYTES_MAX``
+archive members               ≤ 1024                      ``MEMBERS_MAX``
+k of ``npg_k…``, ``upg_k…``   1 ≤ k ≤ 1000                ``K_MAX``
+T of ``bptt_T…``              1 ≤ T ≤ 10000               ``T_MAX``
+k · n · d (UPG), T · n · d    ≤ 2²⁴ = 16,777,216          ``STATES_MAX``: every unrolled state is
+(BPTT)                                                    kept for the backward pass (128 MiB)
+Σ steps · n · d² over the     ≤ 2³² ≈ 4.3e9               ``WORK_MAX``: multiply-adds of the
+file's NPG, UPG and BPTT                                  unrolled estimators
+‖h*‖₂ of deqref's solve,      < 1e-12 / eps ≈ 4.5e3       ``H_MAX``: where float64 can resolve
+per sample                                                ‖F(h) − h‖ < 1e-12 at all
+============================  ==========================  ========================================
+
+The golden files use d ≤ 32, n ≤ 4, k ≤ 10 and T = 30; the bounds are two to four orders of
+magnitude above that. Within them the slowest file measured takes about a minute on two cores
+(d = 4096, n = 1, UPG with k = 256: every step streams the 128 MiB W from memory three times).
+A verdict is given from finite numbers only: deqref's reference must be finite, and every
+relative error too, or there is no verdict.
+
+Exit codes of ``deqref crosscheck``: 0 every relative error ≤ tol; 1 some exceed it; 2 no
+verdict: the file is refused (not an npz, damaged, a key or shape not in the format, beyond a
+bound) or deqref could not compute a trustworthy reference for one of its estimators (no fixed
+point found, I − ∂F/∂h singular at h*, float64 overflow). The message is one line naming the
+key, the bound or the estimator and the reason.
+
 References
 ----------
 [1] Geng et al., On Training Implicit Models, NeurIPS 2021.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import re
+import stat
+import struct
 import sys
-from dataclasses import dataclass
+import tokenize
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
-from .backend import use_backend
+from .backend import to_numpy, use_backend
 from .gradients import estimate
 from .layers import ACTIVATIONS, Layer
-from .solvers import DenseInverse, solve
+from .solvers import ConvergenceWarning, DenseInverse, solve
 
 FORMAT_VERSION = 1
 # A golden h* must satisfy ‖F(h*) − h*‖₂ < RESIDUAL_MAX per sample (the issue's contract).
@@ -69,9 +119,40 @@ PARAMS = ("W", "U", "b", "x")
 _NAME_RE = re.compile(r"^(?:(implicit|jfb|gdeq)|(upg|npg)_k([0-9]+)_lam([0-9.eE+-]+)|bptt_T([0-9]+))$")
 NAME_FORMS = "implicit, jfb, gdeq, upg_k<k>_lam<λ>, npg_k<k>_lam<λ>, bptt_T<T>"
 
+# The bounds of ``deqref crosscheck`` (module docstring, "What deqref crosscheck refuses").
+D_MAX = 4096               # d, the hidden size
+N_MAX = 100_000            # n, the samples
+DENSE_MAX = 2 ** 24        # n · d²: the dense reference's (n, d, d) arrays, 128 MiB in float64
+BYTES_MAX = 2 ** 28        # all arrays of a file together, as their headers state: 256 MiB
+MEMBERS_MAX = 1024         # members of the zip archive
+K_MAX = 1000               # k of NPG and UPG
+T_MAX = 10_000             # T of BPTT
+STATES_MAX = 2 ** 24       # k · n · d (UPG), T · n · d (BPTT): the states kept, 128 MiB
+WORK_MAX = 2 ** 32         # Σ steps · n · d² over the unrolled estimators: multiply-adds
+_HEADER_MAX = 10_000       # characters of one .npy header (NumPy's own default limit)
+_ACTIVATION_CHARS = 32     # the activation is a short string
+_EOCD = b"PK\x05\x06"      # a zip archive's end-of-central-directory record, 22 bytes + comment
+_EOCD_SEARCH = 22 + 65535  # the record and the longest comment: where the record can start
+# What parsing untrusted zip / .npy bytes can raise (zipfile, zlib, numpy.lib.format, whose
+# header parser falls back to Python's tokenizer for Python 2 headers).
+_READ_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, NotImplementedError,
+                RuntimeError, zlib.error, struct.error, OverflowError, RecursionError,
+                SyntaxError, tokenize.TokenError)
+
 
 class CrosscheckError(ValueError):
-    """A crosscheck file is malformed; the message names the key and what was expected."""
+    """A crosscheck file is refused, or deqref cannot compute a trustworthy reference for it;
+    the message (one line) names the key, the bound or the estimator and the reason."""
+
+
+def _short(text) -> str:
+    """repr of a name from a file, cut to 60 characters (a key can be 65535 bytes long)."""
+    text = repr(text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
 
 
 # ------------------------------------------------------------------ estimator names
@@ -87,11 +168,24 @@ def estimator_name(kind: str, *, k: int | None = None, lam: float | None = None,
     raise ValueError(f"kind must be one of implicit, jfb, gdeq, upg, npg, bptt; got {kind!r}")
 
 
+def _steps(name: str, symbol: str, digits: str, bound: int, who: str) -> int:
+    """The step count ``digits`` of estimator ``name``, 1 ≤ value ≤ ``bound`` (checked on the
+    digits first: a key may carry thousands of them)."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(bound)) or int(digits) > bound:
+        shown = digits if len(digits) <= 12 else f"{digits[:6]}... ({len(digits)} digits)"
+        raise CrosscheckError(f"estimator {_short(name)}: {symbol} = {shown} is above the bound "
+                              f"{symbol} ≤ {bound} of {who} (deqref crosscheck recomputes every "
+                              f"step; see deqref.crosscheck)")
+    return int(digits)
+
+
 def parse_estimator(name: str) -> tuple[str, dict]:
-    """``"upg_k5_lam0.5"`` → ``("upg", {"k": 5, "lam": 0.5})``; raises naming the valid forms."""
+    """``"upg_k5_lam0.5"`` → ``("upg", {"k": 5, "lam": 0.5})``; raises naming the valid forms
+    or the bound (k ≤ ``K_MAX``, T ≤ ``T_MAX``)."""
     m = _NAME_RE.match(name)
     if m is None:
-        raise CrosscheckError(f"unknown estimator name {name!r}; expected one of: {NAME_FORMS}")
+        raise CrosscheckError(f"unknown estimator name {_short(name)}; expected one of: {NAME_FORMS}")
     plain, kind, k, lam, T = m.groups()
     if plain:
         return plain, {}
@@ -99,67 +193,143 @@ def parse_estimator(name: str) -> tuple[str, dict]:
         try:
             lam_f = float(lam)
         except ValueError:
-            raise CrosscheckError(f"estimator {name!r}: λ {lam!r} is not a number") from None
-        if not (0 < lam_f <= 1) or int(k) < 1:
-            raise CrosscheckError(f"estimator {name!r}: expected k >= 1 and λ in (0, 1]")
-        return kind, {"k": int(k), "lam": lam_f}
-    if int(T) < 1:
-        raise CrosscheckError(f"estimator {name!r}: expected T >= 1")
-    return "bptt", {"T": int(T)}
+            raise CrosscheckError(f"estimator {_short(name)}: λ {lam!r} is not a number") from None
+        k_i = _steps(name, "k", k, K_MAX, "NPG and UPG")
+        if not (0 < lam_f <= 1) or k_i < 1:
+            raise CrosscheckError(f"estimator {_short(name)}: expected k >= 1 and λ in (0, 1]")
+        return kind, {"k": k_i, "lam": lam_f}
+    T_i = _steps(name, "T", T, T_MAX, "BPTT")
+    if T_i < 1:
+        raise CrosscheckError(f"estimator {_short(name)}: expected T >= 1")
+    return "bptt", {"T": T_i}
 
 
 # ------------------------------------------------------------------ deqref's side
+def _norm(v, axis=None):
+    """‖v‖₂ (over ``axis``) that does not overflow for finite v: √(v·v) overflows above ~1e154.
+
+    v is scaled by a power of two near its largest entry, which is exact, so for ordinary
+    values the result is bit for bit NumPy's ``norm(v)``. Non-finite v gives a non-finite norm.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        top = np.max(np.abs(v), axis=axis, keepdims=True, initial=0.0)
+        scale = np.ldexp(1.0, np.frexp(top)[1] - 1)                       # 2^(e−1) ≤ top < 2^e
+        out = np.linalg.norm(v / scale, axis=axis, keepdims=True) * scale
+    return out.reshape(()) if axis is None else np.squeeze(out, axis)
+
+
+def _residuals(layer: Layer, x, h) -> np.ndarray:
+    """‖F(h) − h‖₂ per sample, computed here from F (not from a solver's record); inf where
+    h or F(h) is not finite   # (n,)"""
+    with np.errstate(all="ignore"):
+        r = _norm(to_numpy(layer(h, x)) - to_numpy(h), axis=1)
+    return np.where(np.isfinite(r), r, np.inf)
+
+
+# float64 resolves ‖F(h) − h‖ < RESIDUAL_MAX only while the rounding of F(h) − h, about
+# eps · ‖h‖, stays below it: ‖h‖ < RESIDUAL_MAX / eps ≈ 4.5e3. Beyond, a residual under the
+# bound says nothing (a runaway iterate of F(h) = h + c has F(h) − h = 0 once ‖h‖ ≫ ‖c‖ / eps).
+H_MAX = RESIDUAL_MAX / np.finfo(np.float64).eps
+
+
+def _unresolved(layer: Layer, x, h) -> tuple[np.ndarray, np.ndarray]:
+    """(‖F(h) − h‖₂, ‖h‖₂) per sample; a sample is solved when the first is below
+    ``RESIDUAL_MAX`` and the second below ``H_MAX`` (where float64 can tell)."""
+    with np.errstate(all="ignore"):
+        size = _norm(to_numpy(h), axis=1)
+    return _residuals(layer, x, h), np.where(np.isfinite(size), size, np.inf)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The forward solves' non-convergence is judged by ``solve_tight`` itself (its own
+    residual), and overflow by the finiteness checks: no warnings on the way."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
 def solve_tight(layer: Layer, x):
     """h* by dense Broyden from h_0 = 0 to ‖F(h*) − h*‖₂ < ``RESIDUAL_MAX`` per sample.
 
-    Returns the solver result (its ``B_inv`` is the dense B_T⁻¹ GDEQ reuses). Raises when
-    the residual is not reached (F is probably not contractive on this input).
+    Returns the solver result (its ``B_inv`` is the dense B_T⁻¹ GDEQ reuses). The residual is
+    recomputed from F at the returned h, whatever the solver's own record says, and counts only
+    where float64 can resolve it (‖h‖ < ``H_MAX``). Raises ``CrosscheckError`` otherwise:
+    F(h) = h may have no solution, or F is not contractive on this input.
     """
-    # atol two decades under the contract leaves room for the float64 rounding floor
-    # (‖F(h) − h‖ ≈ √d · eps ≈ 1e-15 for |h| = O(1), d ≤ 32).
-    res = solve(layer, x, method="broyden", form="dense", tol=0.0, atol=RESIDUAL_MAX / 100,
-                max_iter=200, stall_iter=None, warn=False)
-    r = res.final_abs_residual
-    if not np.all(r < RESIDUAL_MAX):
-        # Broyden may stall in the last digits (skipped updates); plain iteration polishes.
-        fp = solve(layer, x, res.h, method="fixed_point", tol=0.0, atol=RESIDUAL_MAX / 100,
-                   max_iter=2000, warn=False)
-        if not np.all(fp.final_abs_residual < RESIDUAL_MAX):
-            raise CrosscheckError(
-                f"forward solve: residual ‖F(h) − h‖ = {fp.final_abs_residual.max():.2e} did not "
-                f"reach {RESIDUAL_MAX:g}; is F contractive (‖W‖₂ · max|σ'| < 1)?")
-        res.h = fp.h
-        res.abs_residual = fp.abs_residual
+    with _quiet():
+        # atol two decades under the contract leaves room for the float64 rounding floor
+        # (‖F(h) − h‖ ≈ √d · eps ≈ 1e-15 for |h| = O(1), d ≤ 32).
+        res = solve(layer, x, method="broyden", form="dense", tol=0.0, atol=RESIDUAL_MAX / 100,
+                    max_iter=200, stall_iter=None, warn=False)
+        r, size = _unresolved(layer, x, res.h)
+        if not np.all((r < RESIDUAL_MAX) & (size < H_MAX)):
+            # Broyden may stall in the last digits (skipped updates); plain iteration polishes,
+            # from Broyden's iterate where that is finite and resolvable, else from 0.
+            h0 = res.h if np.all(size < H_MAX) else None
+            fp = solve(layer, x, h0, method="fixed_point", tol=0.0, atol=RESIDUAL_MAX / 100,
+                       max_iter=2000, warn=False)
+            r, size = _unresolved(layer, x, fp.h)
+            _check_solved(r, size)
+            res.h = fp.h
+            res.abs_residual = fp.abs_residual
+    # Every sample now meets the contract (residual < RESIDUAL_MAX where float64 resolves it),
+    # a stricter test than the solvers' own: record it, so that no estimator flags h*.
+    res.converged = np.ones(len(r), dtype=bool)
     return res
+
+
+def _check_solved(r: np.ndarray, size: np.ndarray) -> None:
+    """Raise naming the first sample whose residual is not below the bound, or not resolvable."""
+    hint = ("F(h) = h may have no solution, or F is not a contraction (‖W‖₂ · max|σ'| < 1 "
+            "would ensure one)")
+    if not np.all(r < RESIDUAL_MAX):
+        i = int(np.argmax(r))
+        raise CrosscheckError(f"no fixed point found: deqref's forward solve (dense Broyden, then "
+                              f"2000 fixed-point steps) ends with ‖F(h) − h‖ = {r[i]:.2e} for "
+                              f"sample {i}, above {RESIDUAL_MAX:g}; {hint}")
+    if not np.all(size < H_MAX):
+        i = int(np.argmax(size))
+        raise CrosscheckError(f"no fixed point found: deqref's forward solve ran away to ‖h‖ = "
+                              f"{size[i]:.1e} for sample {i}, where float64 cannot resolve "
+                              f"‖F(h) − h‖ < {RESIDUAL_MAX:g} (that needs ‖h‖ < {H_MAX:.1e}); {hint}")
+
+
+def _at(result, **changes):
+    """A copy of a solver result with ``changes`` and no cached states (``extra``)."""
+    if "extra" in {f.name for f in fields(result)}:
+        changes["extra"] = {}
+    return replace(result, **changes)
+
+
+def _reference_estimate(layer: Layer, x, grad_h, kind: str, options: dict, result, B_inv=None):
+    """deqref's ``Gradient`` for one estimator of the format (module docstring)."""
+    if kind == "bptt":
+        # Eq. (11): exactly T plain steps from h_0 = 0, no early stop. That is UPG's unroll
+        # (Eq. 17) with λ = 1 started at 0, so no solver's stopping rule can shorten it.
+        start = _at(result, h=0.0 * result.h)
+        return estimate("upg", layer, x, start, grad_h, k=options["T"], lam=1.0)
+    if kind == "gdeq":
+        if B_inv is not None:
+            dense = DenseInverse(np, *B_inv.shape[:2], np.float64)
+            dense.B_inv = np.asarray(B_inv, dtype=np.float64)
+            result = _at(result, B_inv=dense)
+        return estimate("gdeq", layer, x, result, grad_h)
+    if kind == "implicit":
+        return estimate("implicit_dense", layer, x, result, grad_h)
+    return estimate(kind, layer, x, result, grad_h, **options)
 
 
 def reference_gradient(layer: Layer, x, grad_h, kind: str, options: dict, result,
                        B_inv=None) -> dict:
-    """deqref's A g for one estimator, as ``{"W", "U", "b", "x"}`` host float64 arrays.
+    """deqref's A g for one estimator, as ``{"W", "U", "b", "x"}`` arrays.
 
     ``result`` is the tight solve of ``solve_tight`` (its ``h`` is h*); ``B_inv`` (n, d, d)
     replaces the result's Broyden inverse for ``gdeq`` when given.
     """
-    if kind == "bptt":
-        traj = solve(layer, x, method="fixed_point", tol=0.0, atol=0.0, max_iter=options["T"],
-                     warn=False, return_trajectory=True)
-        est = estimate("bptt", layer, x, traj, grad_h)
-    elif kind == "gdeq":
-        if B_inv is not None:
-            dense = DenseInverse(np, *B_inv.shape[:2], np.float64)
-            dense.B_inv = np.asarray(B_inv, dtype=np.float64)
-            result = _with_B_inv(result, dense)
-        est = estimate("gdeq", layer, x, result, grad_h)
-    elif kind == "implicit":
-        est = estimate("implicit_dense", layer, x, result, grad_h)
-    else:
-        est = estimate(kind, layer, x, result, grad_h, **options)
+    est = _reference_estimate(layer, x, grad_h, kind, options, result, B_inv)
     return {"W": est.W, "U": est.U, "b": est.b, "x": est.x}
-
-
-def _with_B_inv(result, B_inv):
-    from dataclasses import replace
-    return replace(result, B_inv=B_inv, extra={})
 
 
 # ------------------------------------------------------------------ golden files
@@ -218,99 +388,287 @@ class CrosscheckInput:
     notes: list
 
 
-def _array(data, key, shape, notes):
-    """data[key] as float64, checked against ``shape`` (ints; None = any)."""
-    if key not in data:
-        raise CrosscheckError(f"missing key {key!r}: expected an array of shape "
-                              f"{_shape_str(shape)}")
-    a = data[key]
-    if not np.issubdtype(a.dtype, np.floating):
-        raise CrosscheckError(f"key {key!r}: expected a floating-point array, got dtype {a.dtype}")
-    if a.dtype != np.float64:
-        notes.append(f"{key} is {a.dtype}: compared in float64; pick --tol for {a.dtype}")
-    if a.ndim != len(shape) or any(s is not None and s != t for s, t in zip(shape, a.shape)):
-        raise CrosscheckError(f"key {key!r}: expected shape {_shape_str(shape)}, got {a.shape}")
-    a = a.astype(np.float64)
-    if not np.all(np.isfinite(a)):
-        raise CrosscheckError(f"key {key!r}: contains NaN or inf")
-    return a
+@dataclass(frozen=True)
+class _Header:
+    """What one member's ``.npy`` header claims (no data read)."""
+    info: zipfile.ZipInfo
+    shape: tuple
+    dtype: np.dtype
+    offset: int           # bytes before the data: magic, version, header
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _check_container(path: Path) -> None:
+    """The file exists, is a zip archive (not empty, not a .npy, not text) with an end record
+    and at most ``MEMBERS_MAX`` members — read from its first and last bytes only."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise CrosscheckError("is a directory, not an npz file")
+        if not stat.S_ISREG(st.st_mode):
+            raise CrosscheckError("is not a regular file; expected an npz file")
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(0, st.st_size - _EOCD_SEARCH))
+            tail = f.read(_EOCD_SEARCH)
+    except FileNotFoundError:
+        raise CrosscheckError("no such file") from None
+    except OSError as e:
+        raise CrosscheckError(f"cannot be read ({e.strerror or e})") from None
+    what = "an npz file (a zip archive of .npy arrays, as numpy.savez writes)"
+    if not head:
+        raise CrosscheckError(f"is empty (0 bytes); expected {what}")
+    if head.startswith(b"\x93NUMPY"):
+        raise CrosscheckError(f"is a .npy file (one array), not an npz archive; save every key "
+                              f"into one file with numpy.savez(path, activation=..., W=..., ...)")
+    if not head.startswith(b"PK"):
+        raise CrosscheckError(f"is not an npz file: expected {what}, which starts with the zip "
+                              f"signature b'PK'; this file starts with {head!r}")
+    i = tail.rfind(_EOCD)
+    if i < 0 or len(tail) - i < 22:
+        raise CrosscheckError("is a truncated or damaged zip archive: it has no end record "
+                              "(was the file cut short?)")
+    members, directory = struct.unpack("<HI", tail[i + 10:i + 16])
+    if members > MEMBERS_MAX or directory > 1024 * MEMBERS_MAX:
+        raise CrosscheckError(f"the zip archive claims {members} members ({directory:,} bytes of "
+                              f"directory); deqref crosscheck reads at most {MEMBERS_MAX}")
+
+
+def _read_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> _Header:
+    """The ``.npy`` header of one member, read from its stream: only the first few hundred
+    bytes are decompressed."""
+    try:
+        with zf.open(info) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # NumPy's note on Python 2 headers
+            version = npy_format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = npy_format.read_array_header_1_0(f, max_header_size=_HEADER_MAX)
+            elif version == (2, 0):
+                shape, _, dtype = npy_format.read_array_header_2_0(f, max_header_size=_HEADER_MAX)
+            else:
+                raise CrosscheckError(f"key {_short(key)}: .npy format version {version} is not "
+                                      f"supported (1.0 and 2.0 are)")
+            offset = f.tell()
+    except _READ_ERRORS as e:
+        raise CrosscheckError(f"key {_short(key)}: not a readable .npy array "
+                              f"({_one_line(e)[:200]})") from None
+    if dtype.hasobject:
+        raise CrosscheckError(f"key {_short(key)}: needs pickle to load (an object array); "
+                              f"store plain numeric / string arrays")
+    if any(s < 0 for s in shape):
+        raise CrosscheckError(f"key {_short(key)}: its .npy header has a negative shape {shape}")
+    return _Header(info, tuple(shape), dtype, offset)
+
+
+def _read_headers(zf: zipfile.ZipFile) -> dict:
+    """key → ``_Header`` for every member of the archive."""
+    headers = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise CrosscheckError(f"archive member {_short(info.filename)} is not a .npy array; "
+                                  f"an npz file holds only '<key>.npy' members")
+        key = info.filename[:-len(".npy")]
+        if key in headers:
+            raise CrosscheckError(f"key {_short(key)} appears twice in the archive")
+        if info.flag_bits & 0x1:
+            raise CrosscheckError(f"key {_short(key)}: the member is encrypted")
+        headers[key] = _read_header(zf, info, key)
+    return headers
 
 
 def _shape_str(shape):
     return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def load_input(path: Path) -> CrosscheckInput:
-    """Read and validate a crosscheck file; raise ``CrosscheckError`` naming the bad key."""
-    path = Path(path)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise CrosscheckError(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise CrosscheckError(f"{path}: not a readable .npz file without pickle ({e})") from None
-    try:
-        data = {}
-        for key in npz.files:
-            try:
-                data[key] = npz[key]
-            except ValueError:
-                raise CrosscheckError(f"key {key!r}: needs pickle to load (an object array); "
-                                      f"store plain numeric / string arrays") from None
-    finally:
-        npz.close()
-    notes = []
-    if "activation" not in data:
+def _expect(headers: dict, key: str, shape, notes: list) -> _Header:
+    """The header of ``key``: a floating-point array of ``shape`` (ints; None = any)."""
+    if key not in headers:
+        raise CrosscheckError(f"missing key {key!r}: expected an array of shape "
+                              f"{_shape_str(shape)}")
+    h = headers[key]
+    if h.dtype.kind != "f":
+        raise CrosscheckError(f"key {key!r}: expected a floating-point array, got dtype {h.dtype}")
+    if h.dtype != np.float64:
+        notes.append(f"{key} is {h.dtype}: compared in float64; pick --tol for {h.dtype}")
+    if len(h.shape) != len(shape) or any(s is not None and s != t for s, t in zip(shape, h.shape)):
+        raise CrosscheckError(f"key {key!r}: expected shape {_shape_str(shape)}, got {h.shape}")
+    return h
+
+
+def _check_sizes(d: int | None = None, d_x: int | None = None, n: int | None = None) -> None:
+    """The bounds on d, d_x and n (each checked as soon as its header is read), and on the
+    dense reference's n · d² once all three are known."""
+    if d is not None and not 1 <= d <= D_MAX:
+        raise CrosscheckError(f"key 'W': d = {d}; expected 1 ≤ d ≤ {D_MAX} (deqref crosscheck's "
+                              f"bound)")
+    if d_x is not None and d_x < 1:
+        raise CrosscheckError("key 'U': d_x = 0; expected at least one input column")
+    if n is not None and not 1 <= n <= N_MAX:
+        raise CrosscheckError(f"key 'x': n = {n} samples; expected 1 ≤ n ≤ {N_MAX} (deqref "
+                              f"crosscheck's bound)")
+    if None not in (d, n) and n * d * d > DENSE_MAX:
+        raise CrosscheckError(f"n · d² = {n} · {d}² = {n * d * d:,} is above the bound "
+                              f"{DENSE_MAX:,} (2^24): deqref's reference keeps (n, d, d) arrays "
+                              f"(Broyden's inverse, I − ∂F/∂h); check fewer samples")
+
+
+def _check_work(names: dict, n: int, d: int) -> None:
+    """The unrolled estimators' states (k · n · d, T · n · d) and their total work."""
+    work = 0
+    for name, (kind, opts) in names.items():
+        steps = opts.get("k", opts.get("T", 0))
+        if kind in ("upg", "bptt") and steps * n * d > STATES_MAX:
+            symbol = "k" if kind == "upg" else "T"
+            raise CrosscheckError(f"estimator {_short(name)}: {symbol} · n · d = {steps} · {n} · "
+                                  f"{d} = {steps * n * d:,} states to keep is above the bound "
+                                  f"{STATES_MAX:,} (2^24); use fewer steps or samples")
+        work += steps * n * d * d
+    if work > WORK_MAX:
+        raise CrosscheckError(f"the unrolled estimators need Σ steps · n · d² = {work:.2e} "
+                              f"multiply-adds, above the bound {WORK_MAX:.2e} (2^32); use fewer "
+                              f"steps, samples or estimators")
+
+
+def _check_format(headers: dict) -> tuple[dict, list]:
+    """Every key, dtype and shape against the format and the bounds, from the headers only.
+    Returns (estimator name → (kind, options), notes)."""
+    notes: list = []
+    if "activation" not in headers:
         raise CrosscheckError(f"missing key 'activation': expected a string array, one of "
                               f"{sorted(ACTIVATIONS)}")
-    act = data["activation"]
-    if act.dtype.kind not in "US" or act.size != 1:
+    act = headers["activation"]
+    if act.dtype.kind not in "US" or math.prod(act.shape) != 1 or act.dtype.itemsize > 4 * _ACTIVATION_CHARS:
         raise CrosscheckError(f"key 'activation': expected a single string, one of "
                               f"{sorted(ACTIVATIONS)}; got dtype {act.dtype}, shape {act.shape}")
-    activation = str(act.reshape(()).item())
-    if isinstance(act.reshape(()).item(), bytes):
-        activation = act.reshape(()).item().decode()
-    if activation not in ACTIVATIONS:
-        raise CrosscheckError(f"key 'activation': expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    W = _array(data, "W", (None, None), notes)
+    W = _expect(headers, "W", (None, None), notes)
     d = W.shape[0]
     if W.shape != (d, d):
         raise CrosscheckError(f"key 'W': expected a square (d, d) array, got {W.shape}")
-    U = _array(data, "U", (d, None), notes)
-    d_x = U.shape[1]
-    b = _array(data, "b", (d,), notes)
-    x = _array(data, "x", (None, d_x), notes)
-    n = x.shape[0]
-    grad_h = _array(data, "grad_h", (n, d), notes)
-    h_star = _array(data, "h_star", (n, d), notes) if "h_star" in data else None
-    if "format_version" in data and int(data["format_version"]) != FORMAT_VERSION:
-        raise CrosscheckError(f"key 'format_version': expected {FORMAT_VERSION}, "
-                              f"got {data['format_version']!r}")
+    _check_sizes(d=d)
+    d_x = _expect(headers, "U", (d, None), notes).shape[1]
+    _check_sizes(d_x=d_x)
+    _expect(headers, "b", (d,), notes)
+    n = _expect(headers, "x", (None, d_x), notes).shape[0]
+    _check_sizes(d=d, n=n)
+    _expect(headers, "grad_h", (n, d), notes)
+    if "h_star" in headers:
+        _expect(headers, "h_star", (n, d), notes)
+    if "format_version" in headers:
+        fv = headers["format_version"]
+        if fv.dtype.kind not in "iu" or fv.shape != ():
+            raise CrosscheckError(f"key 'format_version': expected the integer {FORMAT_VERSION} "
+                                  f"(np.array({FORMAT_VERSION})), got dtype {fv.dtype}, shape {fv.shape}")
     shapes = {"W": (d, d), "U": (d, d_x), "b": (d,), "x": (n, d_x)}
     known = {"activation", "W", "U", "b", "x", "grad_h", "h_star", "format_version", "gdeq__B_inv"}
-    theirs: dict = {}
-    for key in sorted(data):
+    names: dict = {}
+    for key in sorted(headers):
         if key in known:
             continue
         name, sep, what = key.partition("__")
         if not sep:
-            raise CrosscheckError(f"unknown key {key!r}; expected 'activation', 'W', 'U', 'b', 'x', "
-                                  f"'grad_h', 'h_star', 'format_version' or '<estimator>__grad_<W|U|b|x>'")
-        parse_estimator(name)
+            raise CrosscheckError(f"unknown key {_short(key)}; expected 'activation', 'W', 'U', "
+                                  f"'b', 'x', 'grad_h', 'h_star', 'format_version' or "
+                                  f"'<estimator>__grad_<W|U|b|x>'")
+        if name not in names:
+            names[name] = parse_estimator(name)
         param = what[len("grad_"):] if what.startswith("grad_") else None
         if param not in shapes:
-            raise CrosscheckError(f"unknown key {key!r}; expected '{name}__grad_W', '{name}__grad_U', "
-                                  f"'{name}__grad_b' or '{name}__grad_x'")
-        theirs.setdefault(name, {})[param] = _array(data, key, shapes[param], notes)
-    if not theirs:
+            raise CrosscheckError(f"unknown key {_short(key)}; expected '{name}__grad_W', "
+                                  f"'{name}__grad_U', '{name}__grad_b' or '{name}__grad_x'")
+        _expect(headers, key, shapes[param], notes)
+    if not names:
         raise CrosscheckError("no gradients found: expected keys '<estimator>__grad_<W|U|b|x>' "
                               f"with <estimator> one of: {NAME_FORMS}")
-    B_inv = None
-    if "gdeq" in theirs:
-        if "gdeq__B_inv" not in data:
+    if "gdeq" in names:
+        if "gdeq__B_inv" not in headers:
             raise CrosscheckError("missing key 'gdeq__B_inv': gdeq gradients need the (n, d, d) "
                                   "Broyden inverse estimate B_T⁻¹ they were computed from")
-        B_inv = _array(data, "gdeq__B_inv", (n, d, d), notes)
+        _expect(headers, "gdeq__B_inv", (n, d, d), notes)
+    _check_work(names, n, d)
+    return names, notes
+
+
+def _check_members(headers: dict) -> None:
+    """The headers' total claim within ``BYTES_MAX``, and each member as long as its header
+    says (a member that holds more than its array is damaged, or a zip bomb)."""
+    total = sum(h.nbytes for h in headers.values())
+    if total > BYTES_MAX:
+        raise CrosscheckError(f"the arrays' .npy headers claim {total:,} bytes in all, above the "
+                              f"bound {BYTES_MAX:,} (256 MiB) of deqref crosscheck")
+    for key, h in headers.items():
+        held = h.info.file_size - h.offset
+        if held != h.nbytes:
+            raise CrosscheckError(f"key {_short(key)}: damaged member: its .npy header describes "
+                                  f"{h.nbytes:,} bytes of data, the archive holds {held:,}")
+
+
+def _read_arrays(zf: zipfile.ZipFile, headers: dict, keys) -> dict:
+    """The arrays of ``keys``, each read from its member's stream (never more than its header's
+    claim, which ``_check_members`` bounded)."""
+    data = {}
+    for key in keys:
+        try:
+            with zf.open(headers[key].info) as f:
+                a = npy_format.read_array(f, allow_pickle=False, max_header_size=_HEADER_MAX)
+        except _READ_ERRORS as e:
+            raise CrosscheckError(f"key {_short(key)}: damaged data ({_one_line(e)[:200]})") from None
+        data[key] = a
+    return data
+
+
+def _finite64(data: dict, key: str) -> np.ndarray:
+    a = data[key].astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise CrosscheckError(f"key {key!r}: contains NaN or inf")
+    return a
+
+
+def _activation(a: np.ndarray) -> str:
+    value = a.reshape(()).item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            value = repr(value)
+    if value not in ACTIVATIONS:
+        raise CrosscheckError(f"key 'activation': expected one of {sorted(ACTIVATIONS)}, "
+                              f"got {_short(value)}")
+    return value
+
+
+def load_input(path: Path) -> CrosscheckInput:
+    """Read and validate a crosscheck file; raise ``CrosscheckError`` naming the bad key.
+
+    Two passes: the archive's directory and every member's ``.npy`` header are checked against
+    the format and the bounds (module docstring) before any array data is decompressed.
+    """
+    path = Path(path)
+    _check_container(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except _READ_ERRORS as e:
+        raise CrosscheckError(f"is a damaged zip archive ({_one_line(e)[:200]})") from None
+    with zf:
+        headers = _read_headers(zf)
+        names, notes = _check_format(headers)
+        _check_members(headers)
+        keys = [k for k in headers if k != "gdeq__B_inv" or "gdeq" in names]
+        data = _read_arrays(zf, headers, keys)
+    activation = _activation(data["activation"])
+    W, U, b, x, grad_h = (_finite64(data, k) for k in ("W", "U", "b", "x", "grad_h"))
+    h_star = _finite64(data, "h_star") if "h_star" in data else None
+    if "format_version" in data and int(data["format_version"]) != FORMAT_VERSION:
+        raise CrosscheckError(f"key 'format_version': expected {FORMAT_VERSION}, "
+                              f"got {int(data['format_version'])}")
+    theirs: dict = {}
+    for key in sorted(data):
+        name, sep, what = key.partition("__")
+        if sep and key != "gdeq__B_inv":
+            theirs.setdefault(name, {})[what[len("grad_"):]] = _finite64(data, key)
+    B_inv = _finite64(data, "gdeq__B_inv") if "gdeq" in theirs else None
     return CrosscheckInput(activation, W, U, b, x, grad_h, h_star, B_inv, theirs, notes)
 
 
@@ -319,28 +677,78 @@ def compare(mine, theirs) -> tuple[float, float | None]:
     """(relative error ‖theirs − mine‖ / ‖mine‖, cosine) in the Frobenius norm.
 
     The relative error falls back to the absolute error when deqref's array is exactly 0;
-    the cosine is None when either array is 0.
+    the cosine is None when either array is 0. Both arrays are scaled by one power of two
+    near their largest entry first (exact), so finite arrays give finite numbers (√(v·v) would
+    overflow above ~1e154) and ordinary ones the same bits as without scaling.
     """
-    mine, theirs = np.ravel(mine), np.ravel(theirs)
+    mine = np.ravel(np.asarray(mine, dtype=np.float64))
+    theirs = np.ravel(np.asarray(theirs, dtype=np.float64))
+    top = max(np.max(np.abs(mine), initial=0.0), np.max(np.abs(theirs), initial=0.0))
+    scale = math.ldexp(1.0, math.frexp(top)[1] - 1) if math.isfinite(top) else 1.0
+    mine, theirs = mine / scale, theirs / scale
     n_mine, n_theirs = np.linalg.norm(mine), np.linalg.norm(theirs)
-    err = np.linalg.norm(theirs - mine) / (n_mine if n_mine > 0 else 1.0)
+    diff = np.linalg.norm(theirs - mine)
+    err = diff / n_mine if n_mine > 0 else float(diff) * scale
     cos = float(mine @ theirs / (n_mine * n_theirs)) if n_mine > 0 and n_theirs > 0 else None
     return float(err), cos
 
 
+def _overflow_reason(inp: CrosscheckInput) -> str:
+    """Why a reference came out non-finite: float64 overflowed; name the largest input."""
+    arrays = {"W": inp.W, "U": inp.U, "b": inp.b, "x": inp.x, "grad_h": inp.grad_h}
+    key, top = max(((k, float(np.max(np.abs(a)))) for k, a in arrays.items()), key=lambda kv: kv[1])
+    return f"float64 overflowed; the file's largest entry is |{key}| = {top:.1e}"
+
+
+def _reference(name: str, kind: str, opts: dict, layer: Layer, inp: CrosscheckInput, res) -> dict:
+    """deqref's reference for estimator ``name``, finite and unflagged, or ``CrosscheckError``
+    saying why there is none (no verdict can come from it)."""
+    from scipy.linalg import LinAlgWarning
+    why = None
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            warnings.simplefilter("error", LinAlgWarning)       # I − ∂F/∂h ill-conditioned
+            est = _reference_estimate(layer, inp.x, inp.grad_h, kind, opts, res, inp.B_inv)
+    except (np.linalg.LinAlgError, LinAlgWarning) as e:
+        why = (f"I − ∂F/∂h at h* is singular to working precision, so h* is not an isolated "
+               f"fixed point and Eq. (4) has no solution ({_one_line(e)[:160].rstrip(';')})")
+    except (FloatingPointError, ConvergenceWarning) as e:
+        why = _one_line(e)
+    else:
+        flags = tuple(getattr(est, "flags", ()))
+        mine = {"W": est.W, "U": est.U, "b": est.b, "x": est.x}
+        bad = [p for p in PARAMS if not np.all(np.isfinite(to_numpy(mine[p])))]
+        if bad:
+            why = f"its {', '.join(bad)} gradient is not finite ({_overflow_reason(inp)})"
+        elif flags:
+            why = f"deqref flags it: {'; '.join(flags)}"
+    if why is not None:
+        raise CrosscheckError(f"deqref could not compute a reference for {name}: {why}")
+    return {p: np.asarray(to_numpy(v), dtype=np.float64) for p, v in mine.items()}
+
+
 def crosscheck(inp: CrosscheckInput) -> list[dict]:
-    """Recompute every estimator in ``inp`` with deqref; one row per (estimator, parameter)."""
+    """Recompute every estimator in ``inp`` with deqref; one row per (estimator, parameter).
+
+    Raises ``CrosscheckError`` when deqref finds no fixed point, or its reference for an
+    estimator is not finite or not trustworthy (a verdict needs finite numbers on both sides).
+    """
     layer = Layer(inp.W, inp.U, inp.b, inp.activation)
     res = solve_tight(layer, inp.x)
     rows = []
     for name, grads in inp.theirs.items():
         kind, opts = parse_estimator(name)
-        mine = reference_gradient(layer, inp.x, inp.grad_h, kind, opts, res, B_inv=inp.B_inv)
+        mine = _reference(name, kind, opts, layer, inp, res)
         for p in [q for q in PARAMS if q in grads]:
             theirs = grads[p]
             err, cos = compare(mine[p], theirs)
+            if math.isnan(err):
+                raise CrosscheckError(f"deqref could not compute a reference for {name}: the "
+                                      f"relative error of {p} is NaN")
+            diff = float(np.max(np.abs(mine[p] / 2.0 - theirs / 2.0))) * 2.0   # no overflow
             rows.append({"estimator": name, "param": p, "rel_err": err, "cosine": cos,
-                         "max_abs": float(np.max(np.abs(np.asarray(mine[p]) - theirs)))})
+                         "max_abs": diff})
     return rows
 
 
@@ -358,29 +766,30 @@ def format_table(rows: list[dict], tol: float) -> str:
 def crosscheck_file(path: Path, tol: float) -> int:
     """Check the gradients in ``path`` against deqref; print a table; exit code.
 
-    0: every relative error ≤ ``tol``; 1: some exceed it; 2: the file is malformed
-    (the message names the key and what was expected).
+    0: every relative error ≤ ``tol``; 1: some exceed it; 2: no verdict — the file is refused
+    or deqref could not compute a reference (one line on stderr naming the key, bound or
+    estimator and why).
     """
-    if not (np.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
         print(f"deqref crosscheck: error: --tol must be a finite number > 0, got {tol!r}", file=sys.stderr)
         return 2
     try:
         inp = load_input(Path(path))
         rows = crosscheck(inp)
     except CrosscheckError as e:
-        print(f"deqref crosscheck: error: {path}: {e}", file=sys.stderr)
+        print(f"deqref crosscheck: error: {path}: {_one_line(e)}", file=sys.stderr)
         return 2
     layer = Layer(inp.W, inp.U, inp.b, inp.activation)
     n, d = inp.grad_h.shape
     print(f"{path}: activation {inp.activation}, d = {d}, d_x = {inp.U.shape[1]}, n = {n}; "
           f"deqref's h* solved to ‖F(h*) − h*‖ < {RESIDUAL_MAX:g}")
     if inp.h_star is not None:
-        r = np.linalg.norm(layer(inp.h_star, inp.x) - inp.h_star, axis=1).max()
+        r = _residuals(layer, inp.x, inp.h_star).max()
         print(f"  your h_star: max residual ‖F(h) − h‖ = {r:.2e}")
     for note in inp.notes:
         print(f"  note: {note}")
     print(format_table(rows, tol))
-    bad = [r for r in rows if r["rel_err"] > tol]
+    bad = [r for r in rows if not r["rel_err"] <= tol]
     worst = max(rows, key=lambda r: r["rel_err"])
     if bad:
         print(f"VERDICT: DIFFERS — {len(bad)} of {len(rows)} gradients exceed tol {tol:g} "
