@@ -5,13 +5,52 @@
     deqref golden --out DIR                       write golden reference files (npz)
     deqref crosscheck FILE.npz [--tol T]          check another implementation's gradients
     deqref bench [--quick] [--out DIR]            run the benchmarks
+    deqref --version
+
+Bad input never ends in a Python traceback: a wrong argument, a refused crosscheck file or an
+output folder that cannot be written ends in one line on stderr, ``deqref <command>: error:
+<what was expected>``, and exit code 2. Arguments are checked before any work starts; while a
+command runs only the errors that mean bad input are turned into that line (a refused
+crosscheck file, an output path that cannot be written), so a bug in deqref still shows its
+traceback.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from .checks import check_int, check_real
+
+COMMANDS = ("list", "reproduce", "golden", "crosscheck", "bench")
+SEED_MAX = 2 ** 32 - 1
+# errno values that say "this output cannot be written", whether or not the error names a file
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class _UsageError(Exception):
+    """A command line argparse refuses; the message is already ``prog: error: ...``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with its errors raised (one line, exit 2 in ``main``) instead of a
+    usage block and ``sys.exit`` from inside the parser."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("deqref")
+    except PackageNotFoundError:          # run from a source tree that is not installed
+        from . import __version__
+        return __version__
 
 
 def _kernels_line() -> str:
@@ -24,13 +63,67 @@ def _kernels_line() -> str:
             f"with others the trained experiments' numbers differ (see the README).")
 
 
+# ------------------------------------------------------------------ argument checks
+def _output_dir(option: str, value: str) -> Path:
+    """``value`` as a folder deqref can write into: an existing directory or one it creates.
+    Raises ``ValueError`` naming the option and why not."""
+    out = Path(value)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{option} {str(out)!r}: cannot create the directory "
+                         f"({e.strerror or e})") from None
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {str(out)!r}: cannot write into the directory "
+                         f"({e.strerror or e})") from None
+    return out
+
+
+def _unknown_experiments(names, valid) -> str | None:
+    """None when every name is an experiment, else one line naming the unknown ones, each with
+    the closest valid name (difflib) where there is one, and the valid names otherwise."""
+    unknown = [n for n in names if n not in valid]
+    if not unknown:
+        return None
+    close = {n: difflib.get_close_matches(n, valid, n=1) for n in unknown}
+    if len(unknown) == 1 and close[unknown[0]]:
+        return f"unknown experiment {unknown[0]!r}; did you mean {close[unknown[0]][0]!r}?"
+    named = ", ".join(f"{n!r}" + (f" (did you mean {close[n][0]!r}?)" if close[n] else "")
+                      for n in unknown)
+    return (f"unknown experiment{'s' if len(unknown) > 1 else ''} {named}; "
+            f"valid: {', '.join(valid)}")
+
+
+def _check_args(args) -> None:
+    """Every argument of the chosen command, before any work; ``ValueError`` naming it."""
+    if args.cmd == "reproduce":
+        from .experiments import EXPERIMENTS
+        message = _unknown_experiments(args.names, list(EXPERIMENTS))
+        if message:
+            raise ValueError(message)
+        check_int("--seed", args.seed, minimum=0, maximum=SEED_MAX)
+    if args.cmd == "crosscheck":
+        check_real("--tol", args.tol, lo=0, lo_open=True)
+    if args.cmd in ("reproduce", "golden", "bench"):        # last: it creates the folder
+        args.out = _output_dir("--out", args.out)
+
+
+# ------------------------------------------------------------------ commands
+def _list(args) -> int:
+    from .experiments import EXPERIMENTS
+    for name, mod in EXPERIMENTS.items():
+        print(f"{name:22s} {(mod.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
 def _reproduce(args) -> int:
     from .experiments import EXPERIMENTS
-    unknown = [n for n in args.names if n not in EXPERIMENTS]
-    if unknown:
-        print(f"deqref: unknown experiment(s) {unknown}; valid: {sorted(EXPERIMENTS)}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    out = args.out
     mode = "quick" if args.quick else "full" if args.full else "default"
     t_all = time.perf_counter()
     for name in args.names or list(EXPERIMENTS):
@@ -43,47 +136,103 @@ def _reproduce(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="deqref", description="deqref: how DEQs are trained, "
-                                "the exact implicit gradient and its cheaper estimates")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _golden(args) -> int:
+    from .crosscheck import write_golden
+    for path in write_golden(args.out):
+        print(path)
+    return 0
+
+
+def _crosscheck(args) -> int:
+    from .crosscheck import crosscheck_file
+    return crosscheck_file(Path(args.file), tol=args.tol)
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(out=args.out, quick=args.quick)
+
+
+RUN = {"list": _list, "reproduce": _reproduce, "golden": _golden, "crosscheck": _crosscheck,
+       "bench": _bench}
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="deqref", description="deqref: how DEQs are trained, "
+                "the exact implicit gradient and its cheaper estimates")
+    p.add_argument("-V", "--version", action="version", version=f"deqref {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="{" + ",".join(COMMANDS) + "}")
     sub.add_parser("list", help="name the experiments")
     rp = sub.add_parser("reproduce", help="run experiments, write figures and data, print a summary")
     rp.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all)")
     rp.add_argument("--out", default="figures", help="output folder (default: figures/)")
-    rp.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    rp.add_argument("--seed", type=int, default=0,
+                    help=f"base seed, an integer in [0, {SEED_MAX}] (default 0)")
     size = rp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     size.add_argument("--full", action="store_true", help="the papers' settings where feasible")
     gp = sub.add_parser("golden", help="write golden reference files for other frameworks")
-    gp.add_argument("--out", required=True, help="output folder")
+    gp.add_argument("--out", required=True, help="output folder (created if needed)")
     cp = sub.add_parser("crosscheck", help="check another implementation's gradients in an npz file")
     cp.add_argument("file", help="an npz file in the golden format (see README)")
-    cp.add_argument("--tol", type=float, default=1e-8, help="max relative error (default 1e-8)")
+    cp.add_argument("--tol", type=float, default=1e-8,
+                    help="max relative error, a finite number > 0 (default 1e-8)")
     bp = sub.add_parser("bench", help="run the benchmarks, write JSON and a Markdown table")
     bp.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bp.add_argument("--out", default="benchmarks/results", help="output folder")
-    args = p.parse_args(argv)
+    return p
 
-    if args.cmd == "list":
-        from .experiments import EXPERIMENTS
-        for name, mod in EXPERIMENTS.items():
-            print(f"{name:22s} {(mod.__doc__ or '').strip().splitlines()[0]}")
-        return 0
-    if args.cmd == "reproduce":
-        return _reproduce(args)
-    if args.cmd == "golden":
-        from .crosscheck import write_golden
-        for path in write_golden(Path(args.out)):
-            print(path)
-        return 0
-    if args.cmd == "crosscheck":
-        from .crosscheck import crosscheck_file
-        return crosscheck_file(Path(args.file), tol=args.tol)
-    if args.cmd == "bench":
-        from .bench import main as bench_main
-        return bench_main(out=Path(args.out), quick=args.quick)
-    return 2  # pragma: no cover
+
+def _fail(cmd: str | None, message) -> int:
+    """The one line for bad input, on stderr; exit code 2."""
+    prefix = "deqref" + (f" {cmd}" if cmd else "")
+    print(f"{prefix}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def _is_output_error(err: OSError, out: Path | None) -> bool:
+    """Whether ``err`` is about writing the command's output folder (bad input, one line) rather
+    than about something else (a bug: its traceback stays)."""
+    if out is None:
+        return False
+    if err.filename is None:
+        return err.errno in _OUTPUT_ERRNOS
+    try:
+        Path(err.filename).resolve().relative_to(Path(out).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)
+        return 2
+    except SystemExit as e:              # --help and --version print, then exit 0
+        return e.code if isinstance(e.code, int) else 0
+    if args.cmd is None:
+        return _fail(None, f"no command given; expected one of {', '.join(COMMANDS)} "
+                           f"(deqref --help says what each does)")
+    try:
+        _check_args(args)
+    except (ValueError, TypeError) as e:
+        return _fail(args.cmd, e)
+    from .crosscheck import CrosscheckError
+    try:
+        return RUN[args.cmd](args)
+    except CrosscheckError as e:
+        return _fail(args.cmd, e)
+    except OSError as e:
+        if not _is_output_error(e, getattr(args, "out", None)):
+            raise
+        where = f"{e.filename}: " if e.filename else f"{args.out}: "
+        return _fail(args.cmd, f"cannot write the output: {where}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print(f"deqref {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

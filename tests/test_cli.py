@@ -20,4 +20,4 @@ def test_reproduce_quick_writes_files(tmp_path, capsys):
 
 def test_unknown_experiment_is_an_error(capsys):
     assert main(["reproduce", "figure99"]) == 2
-    assert "unknown experiment(s) ['figure99']" in capsys.readouterr().err
+    assert "unknown experiment 'figure99'; valid: solver_traces" in capsys.readouterr().err
