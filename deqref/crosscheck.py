@@ -108,6 +108,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from .backend import to_numpy, use_backend
+from .checks import check_real
 from .gradients import estimate
 from .layers import ACTIVATIONS, Layer
 from .solvers import ConvergenceWarning, DenseInverse, solve
@@ -770,8 +771,10 @@ def crosscheck_file(path: Path, tol: float) -> int:
     or deqref could not compute a reference (one line on stderr naming the key, bound or
     estimator and why).
     """
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
-        print(f"deqref crosscheck: error: --tol must be a finite number > 0, got {tol!r}", file=sys.stderr)
+    try:
+        tol = check_real("--tol", tol, lo=0, lo_open=True)
+    except ValueError as e:
+        print(f"deqref crosscheck: error: {e}", file=sys.stderr)
         return 2
     try:
         inp = load_input(Path(path))

@@ -388,3 +388,12 @@ def test_runaway_iterates_are_not_a_fixed_point(golden):
     with pytest.raises(CrosscheckError, match="no fixed point found"):
         cc.solve_tight(layer, golden["x"])
     assert cc.H_MAX == pytest.approx(1e-12 / np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize("tol", [True, "1e-8", None, float("nan"), 0.0, -1e-8])
+def test_crosscheck_file_checks_tol(tmp_path, capsys, golden, tol):
+    """The API checks tol as the command does (True is no number; a string is no tolerance)."""
+    assert cc.crosscheck_file(save(tmp_path, base(golden)), tol) == 2
+    out, err = capsys.readouterr()
+    assert err == f"deqref crosscheck: error: --tol must be a finite number > 0, got {tol!r}\n"
+    assert out == ""
