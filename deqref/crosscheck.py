@@ -294,7 +294,8 @@ def _check_solved(r: np.ndarray, size: np.ndarray) -> None:
         i = int(np.argmax(size))
         raise CrosscheckError(f"no fixed point found: deqref's forward solve ran away to ‖h‖ = "
                               f"{size[i]:.1e} for sample {i}, where float64 cannot resolve "
-                              f"‖F(h) − h‖ < {RESIDUAL_MAX:g} (that needs ‖h‖ < {H_MAX:.1e}); {hint}")
+                              f"‖F(h) − h‖ < {RESIDUAL_MAX:g} (that needs ‖h‖ < {H_MAX:.1e}); "
+                              f"{hint}")
 
 
 def _at(result, **changes):
@@ -541,7 +542,8 @@ def _check_format(headers: dict) -> tuple[dict, list]:
         raise CrosscheckError(f"missing key 'activation': expected a string array, one of "
                               f"{sorted(ACTIVATIONS)}")
     act = headers["activation"]
-    if act.dtype.kind not in "US" or math.prod(act.shape) != 1 or act.dtype.itemsize > 4 * _ACTIVATION_CHARS:
+    if (act.dtype.kind not in "US" or math.prod(act.shape) != 1
+            or act.dtype.itemsize > 4 * _ACTIVATION_CHARS):
         raise CrosscheckError(f"key 'activation': expected a single string, one of "
                               f"{sorted(ACTIVATIONS)}; got dtype {act.dtype}, shape {act.shape}")
     W = _expect(headers, "W", (None, None), notes)
