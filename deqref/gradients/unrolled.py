@@ -176,5 +176,7 @@ def bptt(layer, x, result, grad_h, *, form: str = "vector") -> Gradient:
     lam = result.options["lam"]
     steps = np.asarray(result.n_iter)
     diag = {"T": steps.copy(), "rel_residual": [r[-1] for r in result.rel_residual]}
+    # no forward flag (result=None below): BPTT is the exact gradient of the iterate h_T it is
+    # given, converged or not; it does not estimate the implicit gradient at h*
     return _estimate(layer, x, result.trajectory, grad_h, lam, steps, form, "bptt",
-                     {"form": form}, diag, result)
+                     {"form": form}, diag, None)
