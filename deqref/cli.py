@@ -22,9 +22,11 @@ import errno
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from .checks import check_int, check_real
+from .solvers import ConvergenceWarning
 
 COMMANDS = ("list", "reproduce", "golden", "crosscheck", "bench")
 SEED_MAX = 2 ** 32 - 1
@@ -121,6 +123,22 @@ def _list(args) -> int:
     return 0
 
 
+def _convergence_note(name, caught) -> None:
+    """Say, in one line per experiment, that some of its solves did not converge (the papers'
+    settings stop the forward at a set number of iterations, and some runs are inexact on purpose):
+    the experiment's ConvergenceWarnings are summed up here instead of printed one by one. Other
+    warnings are shown as usual."""
+    conv = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if conv:
+        first = str(conv[0].message)
+        first = first if len(first) <= 160 else first[:157] + "..."
+        print(f"  note: {len(conv)} ConvergenceWarning(s) in {name} (solves stopped at their "
+              f"iteration budget or flagged); the first: {first}")
+
+
 def _reproduce(args) -> int:
     from .experiments import EXPERIMENTS
     out = args.out
@@ -128,8 +146,11 @@ def _reproduce(args) -> int:
     t_all = time.perf_counter()
     for name in args.names or list(EXPERIMENTS):
         t0 = time.perf_counter()
-        data = EXPERIMENTS[name].run(out, seed=args.seed, mode=mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            data = EXPERIMENTS[name].run(out, seed=args.seed, mode=mode)
         print(EXPERIMENTS[name].summary(data))
+        _convergence_note(name, caught)
         print(f"  [{name}: {time.perf_counter() - t0:.1f} s, written to {out}/]\n")
     print(f"deqref reproduce: done in {time.perf_counter() - t_all:.1f} s")
     print(_kernels_line())
