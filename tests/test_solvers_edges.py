@@ -242,3 +242,23 @@ def test_plain_callable_needs_h0(be, arr):
         solve(lambda h, x: h[:, :2], arr(np.ones((3, 5))), arr(np.ones((3, 5))))
     with pytest.raises(TypeError, match="layer must be a deqref Layer or a callable"):
         solve("tanh", arr(np.ones((3, 5))), arr(np.ones((3, 5))))
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "broyden", "anderson"])
+def test_a_start_near_an_unstable_fixed_point_is_not_diverged(be, arr, method):
+    # F(h) = tanh(2h): 0 is an unstable fixed point, ±0.95750 are stable ones (F'(h*) ≈ 0.17).
+    # From h_0 = 1e-20 plain iteration grows by orders of magnitude on its way to h*; the dtype-
+    # resolution test must not call that "diverged" (it did with the scale S_0 = 2e-20 alone).
+    # Broyden and Anderson, root finders, may find the fixed point 0 itself: also a fixed point.
+    F = lambda h, x: be.xp.tanh(2.0 * h)                       # noqa: E731
+    res = solve(F, None, arr(np.full((1, 1), 1e-20)), method=method, tol=1e-10, max_iter=200)
+    assert res.all_converged and res.stop_reason == ("tolerance",)
+    # the roots of h = tanh(2h), by scipy's brentq, independent of deqref's solvers
+    from scipy.optimize import brentq
+    h_star = brentq(lambda h: np.tanh(2 * h) - h, 0.5, 1.0, xtol=1e-15)
+    h = float(host(res.h)[0, 0])
+    if method == "fixed_point":                     # plain iteration leaves the unstable 0
+        # contraction 0.17 near h*: |h − h*| ≤ r_abs / (1 − 0.17) ≤ 1.3 · tol · |F(h)|
+        assert abs(h - h_star) <= 1.3e-10 * h_star
+    else:                                           # at 0: F'(0) = 2, |h| ≤ r_abs / (2 − 1)
+        assert min(abs(h), abs(abs(h) - h_star)) <= 1.3e-10 * h_star

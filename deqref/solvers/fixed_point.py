@@ -31,7 +31,7 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
     stall_iter : stop a sample as "stagnated" after this many updates without a new
         lowest residual (None: never)
     divergence_factor : "diverged" once anything is not finite, r_abs > factor · max(r_abs(h0), 1)
-        or ‖h‖ > factor · max(S_0, 1)
+        or ‖h‖ > factor · max(S_0, 1); also once eps · ‖h‖ > max(S_0, 1) (``deqref.solvers.result``)
     warn : warn with a ``ConvergenceWarning`` when a sample did not converge
 
     Returns

@@ -13,19 +13,29 @@ with ‖·‖ the Euclidean norm (``norm="2"``) or the max-norm (``norm="inf"``)
 The first test in the parenthesis is the relative test r_rel ≤ tol, with its denominator
 floored at s so that a fixed point at (or near) 0 can pass: there ‖F(h)‖ → 0, and the residual
 passes once it has fallen below tol · s = tol^{3/2} · S_0. The second test is what an iterate
-running away cannot meet: where no fixed point exists (F(h) = h + 1), ‖F(h)‖ grows and r_rel
-shrinks, but r_abs never falls well below the starting scale. Wherever s ≤ ‖F(h)‖ ≤ S_0 / √tol
-(the usual case: the image does not shrink or grow by orders of magnitude from the start) the
-parenthesis is exactly r_rel ≤ tol, the relative test of TorchDEQ's ``f_stop_mode="rel"``.
+running away with a residual that does not shrink cannot meet: where no fixed point exists
+(F(h) = h + 1), ‖F(h)‖ grows and r_rel shrinks, but r_abs never falls well below the starting
+scale. Wherever s ≤ ‖F(h)‖ ≤ S_0 / √tol (the usual case: the image does not shrink or grow by
+orders of magnitude from the start) the parenthesis is exactly r_rel ≤ tol, the relative test of
+TorchDEQ's ``f_stop_mode="rel"``.
+
+What no residual test can tell apart: a map without a fixed point whose residual still shrinks
+as the iterate grows (F(h) = h + 1/(1 + |h|), F(h) = h + e^{−h}) looks, step by step, like slow
+convergence, and is reported converged once r_abs ≤ s, at ‖h‖ of a few hundred for the first at
+tol = 1e-5. "Converged" certifies a small residual relative to the starting scale, not the
+existence of a fixed point; a contraction (‖∂F/∂h‖ < 1, as for ``Layer.random`` with L_h < 1 and
+|σ'| ≤ 1) has one, and there ‖h − h*‖ ≤ r_abs / (1 − L_h).
 
 **diverged** ⇔ anything is not finite (r_abs, ‖F(h)‖ or ‖h‖), or
 r_abs > divergence_factor · max(r_abs(h_0), 1), or the iterate ran away:
-‖h‖ > divergence_factor · max(S_0, 1), or eps · ‖h‖ > S_0 (eps of the dtype). NaN is never
-"converged" and never a residual of 0. The last test is the runaway test at the dtype's
-resolution: once the rounding level of h exceeds the problem's starting scale, F(h) − h no
-longer resolves it (F(h) = h + c computes exactly h in float32 once ‖h‖ ≳ ‖c‖ / eps, and a
-residual of 0 there is not a fixed point). A fixed point that far out, ‖h*‖ > S_0 / eps, is
-not determined to any digit in that dtype either.
+‖h‖ > divergence_factor · max(S_0, 1), or eps · ‖h‖ > max(S_0, 1) (eps of the dtype). NaN is
+never "converged" and never a residual of 0. The last test is the runaway test at the dtype's
+resolution: once the rounding level of h exceeds the problem's scale, F(h) − h no longer
+resolves it (F(h) = h + c computes exactly h in float32 once ‖h‖ ≳ ‖c‖ / eps, and a residual of
+0 there is not a fixed point). The scale is floored at 1, as in the other divergence tests, so a
+start near 0 (h_0 = 1e-20 next to an unstable fixed point at 0) does not make an ordinary iterate
+"diverged"; the price is that a fixed point beyond max(S_0, 1) / eps (4.5e15 in float64, 8.4e6 in
+float32) cannot be reported converged.
 
 **stagnated** ⇔ the lowest r_abs seen has not decreased for ``stall_iter`` consecutive
 updates (``stall_iter=None``: never). **max_iter**: ``max_iter`` updates were applied.
@@ -299,10 +309,10 @@ class Monitor:
 
     def diverged_mask(self, r_abs, f, hn) -> np.ndarray:
         """anything non-finite, r_abs > factor·max(r_abs(h_0), 1), ‖h‖ > factor·max(S_0, 1),
-        or eps·‖h‖ > S_0"""
+        or eps·‖h‖ > max(S_0, 1)"""
         finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
         with np.errstate(invalid="ignore"):
-            unresolved = self.eps * hn > self.S0
+            unresolved = self.eps * hn > _at_least_1(self.S0)
             return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
 
     def finish(self, h, *, n_F, options, **kw) -> SolverResult:
