@@ -199,6 +199,10 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
     n, d = h.shape
     B = DenseInverse(xp, n, d, h.dtype) if form == "dense" else LowRankInverse(xp, n, d, h.dtype, m)
     n_skipped = np.zeros(n, dtype=np.int64)
+    # sizes for which the update's products (4th powers of ‖Δh‖, ‖Δg‖ in ``sherman_morrison``'s
+    # angle test) stay inside the dtype's range unscaled: 2^-255 … 2^248 in float64
+    info = np.finfo(dtype_name(h))
+    safe = (2.0 ** (info.minexp // 4), 2.0 ** (info.maxexp // 4 - 8))
 
     F = bound(layer, x)                                       # h ↦ F(h, x)
     Fh = F(h)
@@ -221,8 +225,10 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         # the pair u vᵀ is unchanged when Δh and Δg are divided by one number; a power of two
         # per sample (exact) keeps the products below overflow for huge h (1e200)
         size = np.maximum(mon.last_norms[1], mon.last_norms[2])     # max(‖F(h)‖, ‖h‖)  host (n,)
-        s = be.asarray(pow2_scale(size, dtype_name(h)), dtype_name(h))[:, None]   # (n, 1)
-        u, v, angle_ok = sherman_morrison(xp, B, dh / s, dg / s, skip_tol)
+        if not np.all((size >= safe[0]) & (size <= safe[1])):      # else s = 1 would do the same
+            s = be.asarray(pow2_scale(size, dtype_name(h)), dtype_name(h))[:, None]   # (n, 1)
+            dh, dg = dh / s, dg / s
+        u, v, angle_ok = sherman_morrison(xp, B, dh, dg, skip_tol)
         ok &= angle_ok
         step = was_active & ~mon.newly_bad                     # a diverged step is undone
         n_skipped += step & ~ok
