@@ -114,7 +114,7 @@ from .layers import ACTIVATIONS, Layer
 from .solvers import ConvergenceWarning, DenseInverse, solve
 
 FORMAT_VERSION = 1
-# A golden h* must satisfy ‖F(h*) − h*‖₂ < RESIDUAL_MAX per sample (the issue's contract).
+# A golden h* must satisfy ‖F(h*) − h*‖₂ < RESIDUAL_MAX per sample (the golden files' contract).
 RESIDUAL_MAX = 1e-12
 PARAMS = ("W", "U", "b", "x")
 _NAME_RE = re.compile(r"^(?:(implicit|jfb|gdeq)|(upg|npg)_k([0-9]+)_lam([0-9.eE+-]+)|bptt_T([0-9]+))$")
