@@ -82,6 +82,11 @@ def check_real(name: str, value, *, lo: float | None = None, hi: float | None = 
     return v
 
 
+def check_lam(lam, name: str = "lam") -> float:
+    """A damping or mixing factor λ ∈ (0, 1] (Eq. 13 of Geng et al.): a finite number, not a bool."""
+    return check_real(name, lam, lo=0.0, hi=1.0, lo_open=True)
+
+
 def check_choice(name: str, value, choices) -> str:
     """One of ``choices`` (compared as given; the message lists them)."""
     if not isinstance(value, str) or value not in choices:

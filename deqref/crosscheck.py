@@ -109,6 +109,7 @@ from numpy.lib import format as npy_format
 
 from .backend import to_numpy, use_backend
 from .checks import check_real
+from .numerics import norm_no_overflow, pow2_exponent
 from .gradients import estimate
 from .layers import ACTIVATIONS, Layer
 from .solvers import ConvergenceWarning, DenseInverse, solve
@@ -206,25 +207,11 @@ def parse_estimator(name: str) -> tuple[str, dict]:
 
 
 # ------------------------------------------------------------------ deqref's side
-def _norm(v, axis=None):
-    """‖v‖₂ (over ``axis``) that does not overflow for finite v: √(v·v) overflows above ~1e154.
-
-    v is scaled by a power of two near its largest entry, which is exact, so for ordinary
-    values the result is bit for bit NumPy's ``norm(v)``. Non-finite v gives a non-finite norm.
-    """
-    v = np.asarray(v, dtype=np.float64)
-    with np.errstate(all="ignore"):
-        top = np.max(np.abs(v), axis=axis, keepdims=True, initial=0.0)
-        scale = np.ldexp(1.0, np.frexp(top)[1] - 1)                       # 2^(e−1) ≤ top < 2^e
-        out = np.linalg.norm(v / scale, axis=axis, keepdims=True) * scale
-    return out.reshape(()) if axis is None else np.squeeze(out, axis)
-
-
 def _residuals(layer: Layer, x, h) -> np.ndarray:
     """‖F(h) − h‖₂ per sample, computed here from F (not from a solver's record); inf where
     h or F(h) is not finite   # (n,)"""
     with np.errstate(all="ignore"):
-        r = _norm(to_numpy(layer(h, x)) - to_numpy(h), axis=1)
+        r = norm_no_overflow(to_numpy(layer(h, x)) - to_numpy(h), axis=1)
     return np.where(np.isfinite(r), r, np.inf)
 
 
@@ -238,7 +225,7 @@ def _unresolved(layer: Layer, x, h) -> tuple[np.ndarray, np.ndarray]:
     """(‖F(h) − h‖₂, ‖h‖₂) per sample; a sample is solved when the first is below
     ``RESIDUAL_MAX`` and the second below ``H_MAX`` (where float64 can tell)."""
     with np.errstate(all="ignore"):
-        size = _norm(to_numpy(h), axis=1)
+        size = norm_no_overflow(to_numpy(h), axis=1)
     return _residuals(layer, x, h), np.where(np.isfinite(size), size, np.inf)
 
 
@@ -687,7 +674,7 @@ def compare(mine, theirs) -> tuple[float, float | None]:
     mine = np.ravel(np.asarray(mine, dtype=np.float64))
     theirs = np.ravel(np.asarray(theirs, dtype=np.float64))
     top = max(np.max(np.abs(mine), initial=0.0), np.max(np.abs(theirs), initial=0.0))
-    scale = math.ldexp(1.0, math.frexp(top)[1] - 1) if math.isfinite(top) else 1.0
+    scale = math.ldexp(1.0, int(pow2_exponent(top)) - 1) if math.isfinite(top) else 1.0
     mine, theirs = mine / scale, theirs / scale
     n_mine, n_theirs = np.linalg.norm(mine), np.linalg.norm(theirs)
     diff = np.linalg.norm(theirs - mine)

@@ -43,6 +43,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .checks import check_finite, check_int, check_real, check_shape
+from .numerics import norm_no_overflow, scaled_to_unit
 
 EPS = float(np.finfo(np.float64).eps)
 # Rounding slack of a float64 computation of d-term sums whose terms have size `scale`:
@@ -120,14 +121,8 @@ def _quiet(checker):
 
 
 def _vector_norm(v: np.ndarray) -> float:
-    """‖v‖ without overflow or underflow for finite v: far from 1 it is taken of v·2^−e (an exact
-    scaling, e the exponent of max |v|); near 1 it is plain ‖v‖ (the same bits as before)."""
-    m = float(np.max(np.abs(v)))
-    if m == 0 or 2.0 ** -500 < m < 2.0 ** 500:
-        return float(np.linalg.norm(v))
-    e = int(np.frexp(m)[1])
-    with np.errstate(over="ignore"):
-        return float(np.ldexp(np.linalg.norm(np.ldexp(v, -e)), e))
+    """‖v‖ without overflow or underflow for finite v (``deqref.numerics``)."""
+    return float(norm_no_overflow(v))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,15 +450,8 @@ def cosine(a, b) -> float:
         raise ValueError(f"b must have as many entries as a ({a.size}), got {b.size}")
     if not np.any(a) or not np.any(b):
         raise ValueError(f"{'a' if not np.any(a) else 'b'} is zero: the cosine is undefined")
-    a, b = _unit_scale(a), _unit_scale(b)                                  # exact: powers of 2
+    a, b = scaled_to_unit(a), scaled_to_unit(b)                                  # exact: powers of 2
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _unit_scale(v: np.ndarray) -> np.ndarray:
-    """v·2^−e with e the exponent of max |v| when that is far from 1 (so that v·v neither
-    overflows nor underflows), else v itself: an exact scaling that leaves a cosine unchanged."""
-    m = float(np.max(np.abs(v)))
-    return v if 2.0 ** -500 < m < 2.0 ** 500 else np.ldexp(v, -int(np.frexp(m)[1]))
 
 
 def _steps(name: str, a, T: int | None = None) -> np.ndarray:

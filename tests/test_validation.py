@@ -18,11 +18,11 @@ def on(a):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="fixed_point", lam=0.0), "lam must lie in \\(0, 1\\]"),
-    (dict(method="fixed_point", lam=1.5), "lam must lie in \\(0, 1\\]"),
+    (dict(method="fixed_point", lam=0.0), "lam must be a finite number in \\(0, 1\\]"),
+    (dict(method="fixed_point", lam=1.5), "lam must be a finite number in \\(0, 1\\]"),
     (dict(method="broyden", m=0), "m must be an integer >= 1"),
     (dict(method="anderson", m=0), "m must be an integer >= 1"),
-    (dict(method="anderson", beta=2.0), "beta must lie in \\(0, 1\\]"),
+    (dict(method="anderson", beta=2.0), "beta must be a finite number in \\(0, 1\\]"),
     (dict(method="anderson", ridge=0.0), "ridge must be a finite number > 0"),
     (dict(method="broyden", form="full"), "form must be one of"),
     (dict(max_iter=0), "max_iter must be an integer >= 1"),

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..backend import backend_of, dtype_name, eps, to_numpy
 from ..checks import check_choice, check_finite, check_int, check_real
+from ..numerics import pow2_exponent
 from ..solvers import ConvergenceWarning, SolverResult
 
 FORMS = ("vector", "matrix")
@@ -53,11 +54,6 @@ def check_form(form: str) -> str:
 def check_k(k, name: str = "k") -> int:
     """A step / term count k >= 1 (an integer, not a bool)."""
     return check_int(name, k, minimum=1)
-
-
-def check_lam(lam, name: str = "lam") -> float:
-    """The damping λ ∈ (0, 1] of Eq. (13) (a finite number, not a bool)."""
-    return check_real(name, lam, lo=0.0, hi=1.0, lo_open=True)
 
 
 def check_optional_real(name: str, value, **interval) -> float | None:
@@ -304,7 +300,7 @@ def unit_scale(v):
     norms and products cannot overflow."""
     be = backend_of(v)
     m = to_numpy(be.xp.max(be.xp.abs(v), axis=1)).astype(np.float64)          # (n,)
-    e = np.frexp(m)[1]                                                       # m = f 2^e, f ∈ [½, 1)
+    e = pow2_exponent(m)                                                     # m = f 2^e, f ∈ [½, 1)
     dtype = dtype_name(v)
     e_max = np.finfo(dtype).maxexp - 2
     e = np.clip(e, -e_max, e_max)                                            # 2^±e representable

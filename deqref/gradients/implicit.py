@@ -31,7 +31,8 @@ from ..backend import eps, to_numpy
 from ..checks import check_bool, check_choice, check_int, check_real
 from ..layers import Layer
 from ..solvers import solve
-from .base import (Gradient, InnerSolve, check_arrays, check_call, check_form, check_k, check_lam,
+from ..checks import check_lam
+from .base import (Gradient, InnerSolve, check_arrays, check_call, check_form, check_k,
                    check_nonsingular, make_gradient, unit_scale)
 from .neumann import neumann_matrix
 

@@ -16,7 +16,8 @@ References
 """
 from __future__ import annotations
 
-from .base import Gradient, check_call, check_form, check_k, check_lam, make_gradient
+from ..checks import check_lam
+from .base import Gradient, check_call, check_form, check_k, make_gradient
 
 
 def neumann_matrix(layer, x, h_star, k: int, lam: float):

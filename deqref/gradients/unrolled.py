@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..layers import Layer
-from .base import (Gradient, check_call, check_form, check_k, check_lam, check_result,
+from ..checks import check_lam
+from .base import (Gradient, check_call, check_form, check_k, check_result,
                    make_gradient)
 
 

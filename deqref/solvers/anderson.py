@@ -28,7 +28,9 @@ import numpy as np
 from ..backend import dtype_name, to_numpy
 from ..checks import check_real
 from .common import bound, prepare
-from .result import check_lam, check_memory, pow2_scale
+from ..checks import check_lam
+from ..numerics import pow2_scale
+from .result import check_memory
 
 
 def solve_small(xp, H):

@@ -59,7 +59,8 @@ import numpy as np
 from ..backend import dtype_name, eps, to_numpy
 from ..checks import check_choice, check_real
 from .common import bound, prepare
-from .result import check_memory, pow2_scale, row_norms
+from ..numerics import pow2_scale
+from .result import check_memory, row_norms
 
 FORMS = ("lowrank", "dense")
 ROUNDING = 2.0      # Δg within ROUNDING · eps · (‖F(h)‖ + ‖h‖) is noise: skip the update

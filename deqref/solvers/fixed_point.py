@@ -11,7 +11,7 @@ References
 from __future__ import annotations
 
 from .common import bound, prepare
-from .result import check_lam
+from ..checks import check_lam
 
 
 def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol: float = 0.0,

@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import backend_of, dtype_name, to_numpy
+
 from ..checks import check_choice, check_int, check_optional_int, check_real, is_real
 
 STOP_REASONS = ("tolerance", "max_iter", "diverged", "stagnated")
@@ -175,14 +176,6 @@ def check_common(tol, atol, max_iter, norm, stall_iter, divergence_factor) -> di
                                              lo_open=True))
 
 
-def check_lam(lam, name="lam") -> float:
-    """A damping or mixing factor λ ∈ (0, 1]."""
-    try:
-        return check_real(name, lam, lo=0, hi=1, lo_open=True)
-    except ValueError:
-        raise ValueError(f"{name} must lie in (0, 1], got {lam!r}") from None
-
-
 def check_memory(m, name="m") -> int:
     """A memory size m >= 1 (not a bool)."""
     return check_int(name, m, minimum=1)
@@ -209,17 +202,6 @@ def row_norms(vectors, norm: str = "2") -> np.ndarray:
     for k in np.flatnonzero(redo.any(axis=1)):                       # rare: rescale those rows
         out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k]), out[k])
     return out
-
-
-def pow2_scale(norms, dtype: str) -> np.ndarray:
-    """2^e per sample with norms / 2^e in [0.5, 1); 1 where a norm is 0 or not finite, and e
-    kept inside the dtype's exponent range. Dividing by a power of two is exact (short of
-    underflow), so arithmetic on scaled vectors gives the same bits, scaled."""
-    norms = np.asarray(norms, dtype=np.float64)
-    usable = np.isfinite(norms) & (norms > 0)
-    e = np.frexp(np.where(usable, norms, 1.0))[1]
-    info = np.finfo(dtype)
-    return np.ldexp(1.0, np.clip(e, info.minexp + 1, info.maxexp - 1))
 
 
 def _scaled_norms(xp, v) -> np.ndarray:
