@@ -57,15 +57,17 @@ from pathlib import Path
 import numpy as np
 
 from ..data import digits
-from ..train import DEQModel, TrainConfig, train
-from .accuracy_speed import FORWARD, IMPLICIT_ITERS, L_H_INIT, LR
+from ..train import TrainConfig
+from .. import claims as C
+from .accuracy_speed import ACCURACY_DELTA, FORWARD, IMPLICIT_ITERS, L_H_INIT, LR, SPECTRAL_NORM
 from .machine import blas_threads, machine, one_blas_thread
+from .runs import trained
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=2, batch_size=64,
                   ks=[1, 2], lams_for_k=[0.5, 1.0], k_for_lam=2, lams=[0.5, 1.0]),
-    "default": dict(d=64, epochs=5, n_seeds=2, batch_size=64,
-                    ks=[1, 2, 5, 8], lams_for_k=[0.5, 1.0], k_for_lam=5, lams=[0.2, 0.5, 1.0]),
+    "default": dict(d=64, epochs=10, n_seeds=4, batch_size=64,
+                    ks=[1, 2, 5, 8], lams_for_k=[0.5], k_for_lam=5, lams=[0.2, 0.5, 1.0]),
     "full": dict(d=64, epochs=10, n_seeds=6, batch_size=64,
                  ks=[1, 2, 3, 4, 5, 6, 8, 10], lams_for_k=[0.5, 1.0], k_for_lam=5,
                  lams=[0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 1.0]),
@@ -89,21 +91,19 @@ def grid_points(cfg: dict) -> list:
 
 
 def config(estimator: str, options: dict, seed: int, epochs: int, batch_size: int) -> TrainConfig:
-    """The training configuration shared by every run (only the backward differs)."""
+    """The training configuration shared by every run (only the backward differs); the same as
+    ``accuracy_speed``'s, so that runs the two share are trained once."""
     return TrainConfig(estimator=estimator, estimator_options=dict(options), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
-                       batch_size=batch_size, seed=seed, quiet=True)
+                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM, quiet=True)
 
 
-def train_one(data, estimator: str, options: dict, seed: int, mode: str = "default") -> dict:
+def train_one(data, estimator: str, options: dict, seed: int, mode: str = "default",
+              data_tag: str = "digits") -> dict:
     """One run of the ablation: a fresh seeded model trained with ``estimator``; its records."""
     cfg = MODES[mode]
-    model = DEQModel.random(cfg["d"], data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT)
-    t0 = time.perf_counter()
-    hist = train(model, data, config(estimator, options, seed, cfg["epochs"], cfg["batch_size"]))
-    rec = {k: hist[k] for k in KEYS}
-    rec["seed"], rec["wall_s"] = seed, time.perf_counter() - t0
-    return rec
+    return trained(data, data_tag, cfg["d"], "tanh", L_H_INIT,
+                   config(estimator, options, seed, cfg["epochs"], cfg["batch_size"]), KEYS)
 
 
 def _stats(runs: list) -> dict:
@@ -126,10 +126,10 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     implicit = []
     t0 = time.perf_counter()
     for s in seeds:
-        implicit.append(train_one(data, *IMPLICIT, s, mode))
+        implicit.append(train_one(data, *IMPLICIT, s, mode, f"digits({seed})"))
         for k, lam in points:
             for m in METHODS:
-                runs[m, k, lam].append(train_one(data, m, {"k": k, "lam": lam}, s, mode))
+                runs[m, k, lam].append(train_one(data, m, {"k": k, "lam": lam}, s, mode, f"digits({seed})"))
     wall = time.perf_counter() - t0
     rows = []
     for k, lam in points:
@@ -143,7 +143,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     return {"setting": {"mode": mode, "seed": seed, "seeds": seeds, "data": "digits (scikit-learn 8x8)",
                         "n_train": int(data.x_train.shape[0]), "n_val": int(data.x_val.shape[0]),
                         "d": cfg["d"], "d_x": data.d_x, "q": data.n_outputs, "activation": "tanh",
-                        "L_h_init": L_H_INIT, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
+                        "L_h_init": L_H_INIT, "spectral_norm": SPECTRAL_NORM, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
                         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"],
                         "forward": {"solver": "broyden", **FORWARD},
                         "implicit_backward_iters": IMPLICIT_ITERS, "backend": "numpy float64",
@@ -225,3 +225,36 @@ def summary(data: dict) -> str:
         lines.append(f"  noise floor: NPG at k = 1 over λ = {nf['lams']} (the same up to Adam's ε) differs "
                      f"by up to {100 * nf['max']:.1f} points on a seed")
     return "\n".join(lines)
+
+
+def claims(data: dict) -> list:
+    """Fig. 3's claims, paired by seed (every run of a seed shares its initialization and data
+    order): UPG against NPG over the grid, UPG's spread over k, and k = 8 against k = 1."""
+    rows, seeds = [], data["setting"]["seeds"]
+    n, grid = len(seeds), data["grid"]
+    per_seed = 100 * np.array([r["upg_minus_npg"]["per_seed"] for r in data["rows"]])   # (points, seeds)
+    m, iv = C.mean_interval(per_seed.mean(axis=0))
+    rows.append(C.claim("geng.fig3.upg_beats_npg", "Geng et al., Fig. 3 and Sec. 3",
+                        "UPG trains to a higher accuracy than NPG at the same k and λ",
+                        "UPG above NPG (values in the figure only)", m, C.above(ACCURACY_DELTA),
+                        what="UPG − NPG (points), per seed averaged over the grid", interval=iv, n=n,
+                        unit="points"))
+    lam = grid["lams_for_k"][0]
+    ks = [k for k in grid["ks"] if k >= 2]
+    acc = 100 * np.array([row(data, k, lam)["upg"]["summary"]["acc_per_seed"] for k in ks])   # (ks, seeds)
+    m, iv = C.mean_interval(acc.max(axis=0) - acc.min(axis=0))
+    rows.append(C.claim("geng.fig3.upg_robust_to_k", "Geng et al., Fig. 3(b)",
+                        f"UPG is robust to a wide range of unrolled steps (k = {ks}, λ = {lam:g})",
+                        "robust (values in the figure only)", m, C.below(ACCURACY_DELTA),
+                        what="the range of UPG's accuracy over k (points), per seed", interval=iv, n=n,
+                        unit="points"))
+    k_lo, k_hi = min(grid["ks"]), max(grid["ks"])
+    diff = 100 * (np.array(row(data, k_hi, lam)["upg"]["summary"]["acc_per_seed"])
+                  - np.array(row(data, k_lo, lam)["upg"]["summary"]["acc_per_seed"]))
+    m, iv = C.mean_interval(diff)
+    rows.append(C.claim("geng.sec23.large_k_preferable", "Geng et al., Sec. 2.3 and Fig. 3(a)",
+                        f"a large k is preferable: UPG with k = {k_hi} trains to a higher accuracy than "
+                        f"with k = {k_lo} (λ = {lam:g})", "a large k is preferable for a more accurate A",
+                        m, C.above(ACCURACY_DELTA), what=f"UPG k = {k_hi} − k = {k_lo} (points)",
+                        interval=iv, n=n, unit="points"))
+    return rows

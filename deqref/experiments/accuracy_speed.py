@@ -45,22 +45,24 @@ References
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import claims as C
 from ..data import Dataset, digits
 from ..train import DEQModel, TrainConfig, train
 from .machine import blas_threads, machine, one_blas_thread
+from .runs import trained
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=2, batch_size=64),
-    "default": dict(d=64, epochs=10, n_seeds=3, batch_size=64),
+    "default": dict(d=64, epochs=10, n_seeds=5, batch_size=64),
     "full": dict(d=128, epochs=30, n_seeds=5, batch_size=64),
 }
 LR = 5e-3
 L_H_INIT = 0.9
+SPECTRAL_NORM = 0.9            # ‖W‖₂ ≤ 0.9 after every update: F stays a contraction in h
 FORWARD = {"tol": 1e-4, "max_iter": 18, "m": 30}        # Broyden, GDEQ's 18 forward iterations
 IMPLICIT_ITERS = 20                                      # backward Broyden iterations, as in [2]
 
@@ -90,7 +92,7 @@ def config(name: str, seed: int, epochs: int, batch_size: int) -> TrainConfig:
     est, opts, _ = METHODS[name]
     return TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
-                       batch_size=batch_size, seed=seed, quiet=True)
+                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM, quiet=True)
 
 
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
@@ -128,12 +130,8 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     names = list(METHODS)
     for i, s in enumerate(seeds):           # interleaved, order rotated per seed: noise is shared
         for name in names[i % len(names):] + names[:i % len(names)]:
-            model = DEQModel.random(cfg["d"], data.d_x, data.n_outputs, "tanh", seed=s, L_h=L_H_INIT)
-            t0 = time.perf_counter()
-            hist = train(model, data, config(name, s, cfg["epochs"], cfg["batch_size"]))
-            rec = {k: hist[k] for k in KEYS}
-            rec["seed"], rec["wall_s"] = s, time.perf_counter() - t0    # with evaluation
-            runs[name].append(rec)
+            runs[name].append(trained(data, f"digits({seed})", cfg["d"], "tanh", L_H_INIT,
+                                      config(name, s, cfg["epochs"], cfg["batch_size"]), KEYS))
     ref = _stats(runs["implicit"], None)
     t_ref = {"epoch": ref["time_train_s"], "backward": ref["time_backward_s"]}
     methods = {}
@@ -144,7 +142,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     return {"setting": {"mode": mode, "seed": seed, "seeds": seeds, "data": "digits (scikit-learn 8x8)",
                         "n_train": int(n_train), "n_val": int(n_val), "d": cfg["d"], "d_x": data.d_x,
                         "q": data.n_outputs, "activation": "tanh", "L_h_init": L_H_INIT,
-                        "loss": "cross-entropy", "optimizer": "adam", "lr": LR, "epochs": cfg["epochs"],
+                        "spectral_norm": SPECTRAL_NORM, "loss": "cross-entropy", "optimizer": "adam", "lr": LR, "epochs": cfg["epochs"],
                         "batch_size": cfg["batch_size"], "forward": {"solver": "broyden", **FORWARD},
                         "implicit_backward_iters": IMPLICIT_ITERS, "backend": "numpy float64",
                         "blas_threads": blas_threads(),
@@ -181,3 +179,48 @@ def summary(data: dict) -> str:
                      f"{r['speedup_train']:7.2f}× {r['speedup_backward']:6.1f}×  "
                      f"{m['paper']['speedup']}")
     return "\n".join(lines)
+
+
+ACCURACY_DELTA = 1.0     # points: an accuracy difference below this counts as none
+SPEED_DELTA = 0.1        # a speed-up below 1.1× counts as none
+PAPER_SPEEDUP = {"upg": ("geng.table3.upg_speedup", "Geng et al., Table 3", 1.4),
+                 "npg": ("gdeq.table2.npg_speedup", "GDEQ, Table 2", 1.71),
+                 "jfb": ("gdeq.table2.jfb_speedup", "GDEQ, Table 2", 1.97),
+                 "gdeq": ("gdeq.table2.gdeq_speedup", "GDEQ, Table 2 and Fig. 1", 2.16)}
+PAPER_ACCURACY = {"upg": ("geng.table3.upg_accuracy", "Geng et al., Table 3", "95.0 against 93.8 (CIFAR-10)"),
+                  "npg": ("gdeq.table2.npg_accuracy", "GDEQ, Table 2", "93.42 against 91.64"),
+                  "jfb": ("gdeq.table2.jfb_accuracy", "GDEQ, Table 2", "91.56 against 91.64"),
+                  "gdeq": ("gdeq.table2.gdeq_accuracy", "GDEQ, Table 2", "92.01 against 91.64")}
+
+
+def _per_seed(data: dict, name: str, what: str) -> np.ndarray:
+    runs = data["methods"][name]["runs"]
+    if what == "acc":
+        return 100 * np.array([r["val_metric"][-1] for r in runs])
+    return np.array([np.sum(r["time_epoch"]) for r in runs])
+
+
+def claims(data: dict) -> list:
+    """The rows of Table 3 of Geng et al. and Table 2 / Fig. 1 of GDEQ, paired by seed: each
+    method's accuracy minus implicit's (no worse by more than ACCURACY_DELTA points), its
+    training speed-up over implicit (above 1 + SPEED_DELTA), and GDEQ against JFB."""
+    rows, n = [], len(data["setting"]["seeds"])
+    acc_ref, t_ref = _per_seed(data, "implicit", "acc"), _per_seed(data, "implicit", "time")
+    for name, (cid, source, paper) in PAPER_ACCURACY.items():
+        label = data["methods"][name]["label"]
+        m, iv = C.mean_interval(_per_seed(data, name, "acc") - acc_ref)
+        rows.append(C.claim(cid, source, f"{label} trains to an accuracy comparable to implicit "
+                            f"differentiation's or better", paper, m, C.above(-ACCURACY_DELTA),
+                            what=f"{label} − implicit (points)", interval=iv, n=n, unit="points"))
+    for name, (cid, source, paper) in PAPER_SPEEDUP.items():
+        label = data["methods"][name]["label"]
+        m, iv = C.ratio_interval(t_ref / _per_seed(data, name, "time"))
+        rows.append(C.claim(cid, source, f"{label} trains faster than implicit differentiation",
+                            f"{paper}×", m, C.above(1 + SPEED_DELTA),
+                            what=f"the training speed-up of {label} over implicit (×)", interval=iv,
+                            n=n, unit="×"))
+    m, iv = C.ratio_interval(_per_seed(data, "jfb", "time") / _per_seed(data, "gdeq", "time"))
+    rows.append(C.claim("gdeq.table2.gdeq_fastest", "GDEQ, Table 2", "GDEQ trains faster than JFB",
+                        "2.16× against 1.97×", m, C.above(1.05),
+                        what="JFB's training time / GDEQ's (×)", interval=iv, n=n, unit="×"))
+    return rows

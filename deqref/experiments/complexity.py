@@ -39,10 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import claims as C
 from ..data import SYNTH_L_H, synthetic
 from ..gradients import estimate
 from ..solvers import solve
 from .machine import blas_threads, one_blas_thread
+
+SHARE = 0.5        # growth share above which a cost grows with x (see linear_fit)
 
 MODES = {
     "quick": dict(d=32, n=8, grid=[1, 2, 4, 8], repeats=3),
@@ -115,7 +118,7 @@ def linear_fit(xs, ys) -> tuple:
 
     The share is the part of the cost at the largest x that the steps account for; a fixed
     overhead a (estimate's checks, the final VJP, the output gradient) dilutes the log–log slope
-    of a linear cost, so the verdict uses the share: O(1) below 0.3, else growing.
+    of a linear cost, so the verdict uses the share: O(1) below SHARE = 0.5, else growing.
     """
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     b, a = np.polyfit(xs, ys, 1)
@@ -124,9 +127,9 @@ def linear_fit(xs, ys) -> tuple:
 
 
 def growth(share: float, slope: float) -> str:
-    """'O(1)' when the steps account for < 30 % of the cost at x_max; otherwise 'O(x)' when
+    """'O(1)' when the steps account for < SHARE (half) of the cost at x_max; otherwise 'O(x)' when
     the log–log slope of the upper half is at most 1.5, else 'super-linear'."""
-    if share < 0.3:
+    if share < SHARE:
         return "O(1)"
     return "O(x)" if slope <= 1.5 else "super-linear"
 
@@ -193,3 +196,32 @@ def summary(data: dict) -> str:
                      f"{r['mem_claim']:>5s} {'yes' if m['matches'] else 'NO':>3s}")
     lines.append(f"  (one stored state = n·d·8 B = {s['n'] * s['d'] * 8 / 2**10:.0f} KiB)")
     return "\n".join(lines)
+
+
+def claims(data: dict) -> list:
+    """Table 2 of Geng et al. and Table 1 of GDEQ: the growth share of each cost (the part of the
+    cost at the largest x that the x steps account for) above or below SHARE."""
+    rows = data["rows"]
+
+    def row(cid, source, text, paper, names, kind, grows):
+        shares = [rows[nm][kind]["share"] for nm in names]
+        rule = C.above(SHARE) if grows else C.below(SHARE)
+        x = ", ".join(f"{nm} in {rows[nm]['param']}" for nm in names)
+        return C.claim(cid, source, text, paper, shares, rule,
+                       what=f"the {'time' if kind == 'time' else 'peak-memory'} growth share ({x})",
+                       n=len(data["setting"]["grid"]))
+    return [
+        row("geng.table2.time_implicit", "Geng et al., Table 2; GDEQ, Table 1",
+            "implicit differentiation's backward time grows with its iterations K", "O(K)",
+            ["implicit_broyden", "implicit_fixed_point"], "time", True),
+        row("geng.table2.time_phantom", "Geng et al., Table 2",
+            "UPG's and NPG's backward time grows with k", "O(k)", ["upg", "npg"], "time", True),
+        row("gdeq.table1.time_jfb_gdeq", "GDEQ, Table 1",
+            "JFB's and GDEQ's backward time does not grow (GDEQ: with the rank m of the reused B⁻¹)",
+            "O(1)", ["jfb", "gdeq"], "time", False),
+        row("geng.table2.memory_upg", "Geng et al., Table 2",
+            "UPG's backward memory grows with k (it stores the unrolled states)", "O(k)", ["upg"], "mem", True),
+        row("geng.table2.memory_constant", "Geng et al., Table 2; GDEQ, Table 1",
+            "the backward memory of implicit, NPG, JFB and GDEQ does not grow", "O(1)",
+            ["implicit_broyden", "implicit_fixed_point", "npg", "jfb", "gdeq"], "mem", False),
+    ]

@@ -47,14 +47,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import claims as C
 from ..data import digits
 from ..solvers import solve
 from ..train import DEQModel, TrainConfig, train
+from .accuracy_speed import SPECTRAL_NORM
 from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=1, batch_size=64),
-    "default": dict(d=64, epochs=10, n_seeds=1, batch_size=64),
+    "default": dict(d=64, epochs=10, n_seeds=3, batch_size=64),
     "full": dict(d=128, epochs=30, n_seeds=3, batch_size=64),
 }
 LR, L_H_INIT = 5e-3, 0.9
@@ -108,7 +110,8 @@ def train_run(data, d: int, seed: int, epochs: int, batch_size: int, fwd: dict, 
     est, opts = TRAIN_ESTIMATOR
     cfg = TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                       solver_options=dict(fwd), optimizer="adam", lr=LR, epochs=epochs,
-                      batch_size=batch_size, seed=seed, track_cosine=True, quiet=True,
+                      batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM,
+                      track_cosine=True, quiet=True,
                       probes={n: dict(o) for n, o in probes.items()})
     model = DEQModel.random(d, data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT)
     t0 = time.perf_counter()
@@ -140,7 +143,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     return {"setting": {"mode": mode, "seed": seed, "seeds": seeds, "data": "digits (scikit-learn 8x8)",
                         "n_train": int(data.x_train.shape[0]), "n_val": int(data.x_val.shape[0]),
                         "d": cfg["d"], "d_x": data.d_x, "q": data.n_outputs, "activation": "tanh",
-                        "L_h_init": L_H_INIT, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
+                        "L_h_init": L_H_INIT, "spectral_norm": SPECTRAL_NORM, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
                         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"],
                         "train_estimator": {"name": TRAIN_ESTIMATOR[0], **TRAIN_ESTIMATOR[1]},
                         "forwards": {n: {"solver": "broyden", **f} for n, f in FORWARDS.items()},
@@ -195,3 +198,35 @@ def summary(data: dict) -> str:
                 lines.append(f"  {tag:8s} UPG − NPG ({key}): median {dd['median']:+.2e}, max |·| "
                              f"{dd['max_abs']:.2e}, UPG higher on {100 * dd['frac_upg_higher']:.0f}% of steps")
     return "\n".join(lines)
+
+
+LARGE_COSINE = 0.8      # deqref's reading of "a large cosine" (Fig. 2 plots no values in the text)
+DESCENT_SHARE = 0.95    # "a descent direction along training": cos > 0 on at least this share of steps
+COSINE_DELTA = 0.01     # a difference of cosines below this counts as none
+
+
+def claims(data: dict) -> list:
+    """Fig. 2's claims at the paper's A_{5,0.5}, per seed (one training run each): the cosine
+    to the exact gradient stays positive and large along training, and UPG is closer than NPG
+    where the forward is inexact (paired step by step, the median per seed)."""
+    rows, tag = [], probe_name("upg", *PAPER_KLAM)
+    tight, inexact = data["runs"]["tight"], data["runs"]["inexact"]
+    n = len(tight)
+    share = [r["overall"][tag]["frac_positive"] for r in tight]
+    rows.append(C.claim("geng.fig2.descent", "Geng et al., Fig. 2",
+                        "the phantom gradient is a descent direction along training: cos(UPG A_{5,0.5}, "
+                        "exact) > 0", "positive along training", share, C.above(DESCENT_SHARE),
+                        what="the share of training steps with cos > 0, on every seed", n=n))
+    m, iv = C.mean_interval([r["overall"][tag]["median"] for r in tight])
+    rows.append(C.claim("geng.fig2.large_cosine", "Geng et al., Fig. 2",
+                        "the phantom gradient keeps a large cosine to the exact gradient along training",
+                        "a large cosine (values in the figure only)", m, C.above(LARGE_COSINE),
+                        what="the median cosine of a run (UPG A_{5,0.5})", interval=iv, n=n))
+    key = "k{},lam{:g}".format(*PAPER_KLAM)
+    m, iv = C.mean_interval([r["upg_minus_npg"][key]["median"] for r in inexact])
+    rows.append(C.claim("geng.fig2.upg_closer_than_npg", "Geng et al., Fig. 2",
+                        "UPG matches the exact gradient better than NPG (forward cut at "
+                        f"{data['setting']['forwards']['inexact']['max_iter']} Broyden iterations)",
+                        "UPG closer than NPG", m, C.above(COSINE_DELTA),
+                        what="the median over steps of cos(UPG) − cos(NPG), per seed", interval=iv, n=n))
+    return rows

@@ -1,0 +1,34 @@
+"""Training runs shared between experiments within one process.
+
+A seeded run is a pure function of its data, its model's initialization and its
+``TrainConfig``: the same inputs give the same bits. ``trained`` memoizes runs by those inputs,
+so that ``deqref reproduce`` trains, e.g., the implicit baseline on seed 0 once for the
+accuracy-and-speed table and the ablation grid, which share it. Timings in a shared record are
+those of the run that trained it.
+"""
+from __future__ import annotations
+
+import time
+
+from ..train import DEQModel, TrainConfig, train
+
+_RUNS: dict = {}
+
+
+def trained(data, data_tag: str, d: int, activation: str, L_h: float, cfg: TrainConfig, keys) -> dict:
+    """The history (``keys`` only, plus ``seed`` and ``wall_s``) of training
+    ``DEQModel.random(d, …, seed=cfg.seed, L_h=L_h)`` on ``data`` (named ``data_tag``) with ``cfg``."""
+    key = (data_tag, d, activation, L_h, repr(cfg))
+    if key not in _RUNS:
+        model = DEQModel.random(d, data.d_x, data.n_outputs, activation, seed=cfg.seed, L_h=L_h)
+        t0 = time.perf_counter()
+        hist = train(model, data, cfg)
+        _RUNS[key] = (hist, time.perf_counter() - t0)
+    hist, wall = _RUNS[key]
+    rec = {k: list(hist[k]) if isinstance(hist[k], list) else hist[k] for k in keys}
+    rec["seed"], rec["wall_s"] = cfg.seed, wall
+    return rec
+
+
+def clear() -> None:
+    _RUNS.clear()
