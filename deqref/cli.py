@@ -146,7 +146,7 @@ def _reproduce(args) -> int:
     from .experiments import EXPERIMENTS, ORDER
     out = args.out
     mode = "quick" if args.quick else "full" if args.full else "default"
-    names = args.names or list(EXPERIMENTS)
+    names = sorted(set(args.names), key=ORDER.index) if args.names else list(EXPERIMENTS)
     rows, t_all = [], time.perf_counter()
     for i, name in enumerate(names, 1):
         mod = EXPERIMENTS[name]

@@ -11,8 +11,9 @@ import importlib.util
 from collections.abc import Mapping
 
 # name -> module under deqref.experiments (the paper figure it reproduces in the docstring)
+# accuracy_speed before ablation: it times its runs interleaved, and the ablation reuses them
 ORDER = ("solver_traces", "static_precision", "theorem1", "complexity", "dynamic_precision",
-         "gdeq_precision", "ablation", "accuracy_speed", "jfb_batch")
+         "gdeq_precision", "accuracy_speed", "ablation", "jfb_batch")
 
 
 class _Registry(Mapping):

@@ -18,16 +18,26 @@ deqref's teaching-scale version, the same for every method (only the backward di
 - data: ``data.digits(seed)`` — scikit-learn's 8 × 8 digits, 1,438 training / 359 validation
   images, pixels in [0, 1]; one split for every method and seed;
 - model: ``DEQModel.random(d, 64, 10, "tanh", seed=s, L_h=0.9)`` — F(h, x) = tanh(W h + U x + b),
-  ‖W‖₂ = 0.9 at initialization (not projected during training), a linear head, cross-entropy;
-  d = 64 (default), 16 (quick), 128 (full);
+  ‖W‖₂ = 0.9 at initialization, a linear head, cross-entropy; d = 64 (default), 16 (quick), 128
+  (full);
+- well-posedness: after every update W is projected back to ‖W‖₂ ≤ 0.9
+  (``TrainConfig.spectral_norm``), so F stays a contraction in h (tanh is 1-Lipschitz) and h*
+  exists and is unique all along training, as IGNN's and monotone DEQs' projections ensure.
+  Without it, Adam at lr 5e-3 pushes ‖W‖₂ past 1 within a few epochs; the forward then stops
+  converging on some samples, the per-sample tolerance stop turns one-ulp differences into
+  different iteration counts, and two BLAS kernels (OpenBLAS Haswell and Sandybridge) give final
+  accuracies 5 points apart from the same seed. With it the two kernels give the same accuracy
+  on every epoch of every method (the losses agree to 1e-13) and the forward needs 7–8 instead
+  of 12–13 iterations;
 - forward: Broyden's method (low-rank, memory 30) to relative residual 1e-4, at most 18
   iterations (GDEQ's forward budget) — Broyden for every method, because GDEQ reuses its B_T⁻¹;
 - backward: implicit = the papers' baseline, the adjoint y = ∂F/∂h y + g by exactly 20 Broyden
   iterations (``estimate("implicit", method="broyden", n_iter=20)``, no early stop); UPG and NPG
   A_{5,0.5} (k = 5, λ = 0.5); JFB; GDEQ (−∂F/∂θ B_T⁻ᵀ g with the forward's B_T⁻¹);
 - optimizer: Adam, lr 5e-3, batch 64, 10 epochs (quick: 2, full: 30), the same shuffling;
-- seeds: s = seed, seed + 1, seed + 2 (default; quick 2, full 5) for the model and the shuffling;
-  accuracy = validation accuracy after the last epoch, mean ± std (ddof = 1) over seeds;
+- seeds: s = seed, …, seed + 4 (default and full; quick 2) for the model and the shuffling;
+  accuracy = validation accuracy after the last epoch, mean ± std (ddof = 1) over seeds; the
+  claims (``claims``) compare each method with implicit paired by seed (t intervals);
 - timing: the trainer's per-epoch split (forward = solve + output + loss; backward = head
   backward + estimator; update = Adam), NumPy float64, BLAS limited to one thread
   (``threadpoolctl``); every method runs once on a few batches first (warm-up), and the methods
