@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .backend import DTYPES, backend_of, check_backend, check_seed, get_backend, namespace, to_numpy
 from .checks import check_bool, check_choice, check_int, check_optional_int, check_real
@@ -148,7 +149,9 @@ class TrainConfig:
     track_cosine: bool = False            # cos(estimator's ∂L/∂θ, exact) at every step
     # {name: options}: cos(probe, exact) per step; "upg@k10" runs "upg" under its own label
     probes: dict = field(default_factory=dict)
-    quiet: bool = False
+    stop_loss: float | None = None        # stop after the first epoch with train_loss <= this
+    label: str = ""                       # the progress bar's description, e.g. "jfb_batch b=64"
+    quiet: bool = False                   # no progress bar
 
     def validate(self) -> None:
         """Check every field; each error is one line naming the field (``train`` calls this).
@@ -187,6 +190,13 @@ class TrainConfig:
         if self.spectral_norm is not None:
             check_real("spectral_norm", self.spectral_norm, lo=0, lo_open=True)
         check_bool("track_cosine", self.track_cosine)
+        if self.stop_loss is not None:
+            try:
+                check_real("stop_loss", self.stop_loss, lo=0, lo_open=True)
+            except ValueError as err:
+                raise ValueError(str(err).replace(" must be ", " must be None or ", 1)) from None
+        if not isinstance(self.label, str):
+            raise TypeError(f"label must be a str, got {type(self.label).__name__} {self.label!r:.40}")
         check_bool("quiet", self.quiet)
 
     def _check_unrolled_forward(self) -> None:
@@ -211,22 +221,11 @@ def _check_dict(field_name: str, value) -> None:
 
 
 # ---------------------------------------------------------------- the loop
-class _Progress:
-    """A one-line progress bar on stderr, shown only on a terminal after 2 s."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.t0 = total, time.perf_counter()
-        self.on = not quiet and sys.stderr.isatty()
-
-    def update(self, i: int, text: str) -> None:
-        if self.on and time.perf_counter() - self.t0 > 2.0:
-            done = int(30 * i / self.total)
-            sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{self.total} {text}   ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.on and time.perf_counter() - self.t0 > 2.0:
-            sys.stderr.write("\n")
+def _progress(cfg: TrainConfig) -> tqdm:
+    """One tqdm bar over the epochs of a run, on stderr, described by ``cfg.label``: off when
+    ``cfg.quiet``, otherwise shown only when stderr is a terminal (``disable=None``)."""
+    return tqdm(total=cfg.epochs, desc=cfg.label or None, unit="epoch", file=sys.stderr,
+                disable=True if cfg.quiet else None, leave=False, dynamic_ncols=True)
 
 
 def _cosine_or_none(a, b):
@@ -347,10 +346,11 @@ def _summary(hist: dict, cfg: TrainConfig, n_batches: int) -> str | None:
         return sum(v), sum(1 for c in v if c)
 
     s, e = tally("forward_unconverged")
+    run = hist["epochs_run"]
     if s:
         b, _ = tally("forward_unconverged_batches")
         parts.append(f"the forward solve ({cfg.solver}) did not converge for {s} sample(s) in {b} of "
-                     f"{n_batches * cfg.epochs} batches, over {e} of {cfg.epochs} epoch(s)")
+                     f"{n_batches * run} batches, over {e} of {run} epoch(s)")
     b, e = tally("estimator_flagged")
     if b:
         first = hist["flag_examples"][0] if hist["flag_examples"] else ""
@@ -400,6 +400,15 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     still apply: under ``warnings.simplefilter("error", deqref.ConvergenceWarning)`` training
     stops with the first one.
 
+    Training runs ``cfg.epochs`` epochs, or stops after the first epoch whose ``train_loss`` is
+    at or below ``cfg.stop_loss`` (when set); the per-epoch lists then end with that epoch. The
+    history's ``epochs_run`` is the number of epochs run and ``stopped_at_target`` whether the
+    run stopped at ``stop_loss``.
+
+    Progress: one tqdm bar over the epochs on stderr, described by ``cfg.label``, with tqdm's
+    time-left estimate and the latest train_loss and val_metric. It is off when ``cfg.quiet``
+    and otherwise shown only when stderr is a terminal; it is removed when the run ends.
+
     A non-finite output h or prediction, a non-finite loss, a non-finite gradient estimate (the
     estimator's ``FloatingPointError``) or non-finite updated parameters stop training with a ``FloatingPointError`` naming the
     epoch, the batch and what is not finite; the history of the finished epochs is on the
@@ -423,94 +432,100 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     hist["step_cosine"], hist["step_epsilon"] = [], []
     hist["probe_cosine"] = {name: [] for name in cfg.probes}
     hist["config"] = asdict(cfg)
+    hist["epochs_run"], hist["stopped_at_target"] = 0, False
     recorded = _Recorded()
-    bar = _Progress(cfg.epochs, cfg.quiet)
-    for epoch in range(cfg.epochs):
-        perm = be.from_host(rng.permutation(n)) if bs < n else None
-        t_fwd = t_bwd = t_upd = 0.0
-        loss_sum = metric_sum = iters = conv = 0.0
-        cos_epoch = []
-        count = dict.fromkeys(CONVERGENCE_KEYS, 0)
-        for i in range(n_batches):
-            if perm is None:
-                xb, yb = data.x_train, data.y_train
-            else:
-                idx = perm[i * bs:min((i + 1) * bs, n)]          # the array API forbids stop > n
-                xb, yb = be.xp.take(data.x_train, idx, axis=0), be.xp.take(data.y_train, idx, axis=0)
-            m = xb.shape[0]
-            layer, head = model.layer, model.head
-            t0 = time.perf_counter()
-            res, _ = recorded(solve, layer, xb, method=cfg.solver, warn=True, **cfg.solver_options)
-            h_out, warned = recorded(output, cfg.estimator, layer, xb, res, **cfg.estimator_options)
-            if _not_finite({"h": h_out}):
-                raise _diverged(hist, epoch, i, f"the {cfg.estimator} output h is not finite", cfg)
-            y_hat = head(h_out)
-            if _not_finite({"y_hat": y_hat}):
-                raise _diverged(hist, epoch, i, "the predictions G(h) are not finite", cfg)
-            loss, dy = _loss(task, y_hat, yb)
-            t1 = time.perf_counter()
-            if not math.isfinite(loss):
-                raise _diverged(hist, epoch, i, f"the loss is not finite ({loss})", cfg)
-            dh, head_grads = head.backward(h_out, dy)
-            try:
-                est, warned_est = recorded(estimate, cfg.estimator, layer, xb, res, dh,
-                                           **cfg.estimator_options)
-            except FloatingPointError as err:                     # a non-finite estimate
-                raise _diverged(hist, epoch, i, str(err), cfg) from err
-            t2 = time.perf_counter()
-            grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
-            new = opt.step(model.params(), grads)
-            if cfg.spectral_norm is not None:
-                new["W"] = _project_spectral(new["W"], cfg.spectral_norm)
-            t3 = time.perf_counter()
-            bad = _not_finite(new)                                 # not timed
-            if bad:
-                raise _diverged(hist, epoch, i, f"the updated parameter(s) {bad} are not finite", cfg)
-            flags = _flags(est, warned + warned_est, res)
-            unconverged = int((~res.converged).sum())
-            count["forward_unconverged"] += unconverged
-            count["forward_unconverged_batches"] += int(unconverged > 0)
-            count["estimator_flagged"] += int(bool(flags))
-            count["estimator_flags"] += len(flags)
-            for line in flags:
-                if len(hist["flag_examples"]) < 5 and line not in hist["flag_examples"]:
-                    hist["flag_examples"].append(line)
-            if cfg.track_cosine or cfg.probes:                    # not timed
-                dh_star, _ = head.backward(res.h, _loss(task, head(res.h), yb)[1])
-                exact, warned_probe = recorded(implicit_dense, layer, xb, res.h, dh_star)
-                flagged = bool(_flags(exact, warned_probe, res))
-                if cfg.track_cosine:
-                    c = _cosine_or_none(est.theta, exact.theta)
-                    hist["step_cosine"].append(c)
-                    hist["step_epsilon"].append(epsilon(est.theta, exact.theta))   # Theorem 3's ε
-                    if c is not None:
-                        cos_epoch.append(c)
-                for label, opts in cfg.probes.items():
-                    probe, warned_probe = recorded(estimate, label.split("@", 1)[0], layer, xb, res,
-                                                   dh_star, **opts)
-                    flagged = flagged or bool(_flags(probe, warned_probe, res))
-                    hist["probe_cosine"][label].append(_cosine_or_none(probe.theta, exact.theta))
-                count["probe_flagged"] += int(flagged)
-            model.set_params(new)
-            t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
-            loss_sum += loss * m
-            metric_sum += _metric(task, y_hat, yb) * m
-            iters += float(res.n_iter.mean()) * m
-            conv += float(res.converged.mean()) * m
-        val, _ = recorded(evaluate, model, data.x_val, data.y_val, task, cfg)
-        count["val_unconverged"] = val["unconverged"]
-        for k, v in (("train_loss", loss_sum / n), ("train_metric", metric_sum / n),
-                     ("val_loss", val["loss"]), ("val_metric", val["metric"]),
-                     ("time_forward", t_fwd), ("time_backward", t_bwd),
-                     ("time_epoch", t_fwd + t_bwd + t_upd), ("forward_iters", iters / n),
-                     ("forward_converged", conv / n),
-                     ("cosine_mean", float(np.mean(cos_epoch)) if cos_epoch else None),
-                     *count.items()):
-            hist[k].append(v)
-        if not all(np.isfinite([loss_sum, val["loss"]])):
-            raise _diverged(hist, epoch, n_batches - 1, "the validation loss is not finite", cfg)
-        bar.update(epoch + 1, f"loss {loss_sum / n:.4g} val {val['metric']:.3f}")
-    bar.close()
+    with _progress(cfg) as bar:                  # closed also when training stops on an error
+        for epoch in range(cfg.epochs):
+            perm = be.from_host(rng.permutation(n)) if bs < n else None
+            t_fwd = t_bwd = t_upd = 0.0
+            loss_sum = metric_sum = iters = conv = 0.0
+            cos_epoch = []
+            count = dict.fromkeys(CONVERGENCE_KEYS, 0)
+            for i in range(n_batches):
+                if perm is None:
+                    xb, yb = data.x_train, data.y_train
+                else:
+                    idx = perm[i * bs:min((i + 1) * bs, n)]          # the array API forbids stop > n
+                    xb, yb = be.xp.take(data.x_train, idx, axis=0), be.xp.take(data.y_train, idx, axis=0)
+                m = xb.shape[0]
+                layer, head = model.layer, model.head
+                t0 = time.perf_counter()
+                res, _ = recorded(solve, layer, xb, method=cfg.solver, warn=True, **cfg.solver_options)
+                h_out, warned = recorded(output, cfg.estimator, layer, xb, res, **cfg.estimator_options)
+                if _not_finite({"h": h_out}):
+                    raise _diverged(hist, epoch, i, f"the {cfg.estimator} output h is not finite", cfg)
+                y_hat = head(h_out)
+                if _not_finite({"y_hat": y_hat}):
+                    raise _diverged(hist, epoch, i, "the predictions G(h) are not finite", cfg)
+                loss, dy = _loss(task, y_hat, yb)
+                t1 = time.perf_counter()
+                if not math.isfinite(loss):
+                    raise _diverged(hist, epoch, i, f"the loss is not finite ({loss})", cfg)
+                dh, head_grads = head.backward(h_out, dy)
+                try:
+                    est, warned_est = recorded(estimate, cfg.estimator, layer, xb, res, dh,
+                                               **cfg.estimator_options)
+                except FloatingPointError as err:                     # a non-finite estimate
+                    raise _diverged(hist, epoch, i, str(err), cfg) from err
+                t2 = time.perf_counter()
+                grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
+                new = opt.step(model.params(), grads)
+                if cfg.spectral_norm is not None:
+                    new["W"] = _project_spectral(new["W"], cfg.spectral_norm)
+                t3 = time.perf_counter()
+                bad = _not_finite(new)                                 # not timed
+                if bad:
+                    raise _diverged(hist, epoch, i, f"the updated parameter(s) {bad} are not finite", cfg)
+                flags = _flags(est, warned + warned_est, res)
+                unconverged = int((~res.converged).sum())
+                count["forward_unconverged"] += unconverged
+                count["forward_unconverged_batches"] += int(unconverged > 0)
+                count["estimator_flagged"] += int(bool(flags))
+                count["estimator_flags"] += len(flags)
+                for line in flags:
+                    if len(hist["flag_examples"]) < 5 and line not in hist["flag_examples"]:
+                        hist["flag_examples"].append(line)
+                if cfg.track_cosine or cfg.probes:                    # not timed
+                    dh_star, _ = head.backward(res.h, _loss(task, head(res.h), yb)[1])
+                    exact, warned_probe = recorded(implicit_dense, layer, xb, res.h, dh_star)
+                    flagged = bool(_flags(exact, warned_probe, res))
+                    if cfg.track_cosine:
+                        c = _cosine_or_none(est.theta, exact.theta)
+                        hist["step_cosine"].append(c)
+                        hist["step_epsilon"].append(epsilon(est.theta, exact.theta))   # Theorem 3's ε
+                        if c is not None:
+                            cos_epoch.append(c)
+                    for label, opts in cfg.probes.items():
+                        probe, warned_probe = recorded(estimate, label.split("@", 1)[0], layer, xb, res,
+                                                       dh_star, **opts)
+                        flagged = flagged or bool(_flags(probe, warned_probe, res))
+                        hist["probe_cosine"][label].append(_cosine_or_none(probe.theta, exact.theta))
+                    count["probe_flagged"] += int(flagged)
+                model.set_params(new)
+                t_fwd, t_bwd, t_upd = t_fwd + t1 - t0, t_bwd + t2 - t1, t_upd + t3 - t2
+                loss_sum += loss * m
+                metric_sum += _metric(task, y_hat, yb) * m
+                iters += float(res.n_iter.mean()) * m
+                conv += float(res.converged.mean()) * m
+            val, _ = recorded(evaluate, model, data.x_val, data.y_val, task, cfg)
+            count["val_unconverged"] = val["unconverged"]
+            for k, v in (("train_loss", loss_sum / n), ("train_metric", metric_sum / n),
+                         ("val_loss", val["loss"]), ("val_metric", val["metric"]),
+                         ("time_forward", t_fwd), ("time_backward", t_bwd),
+                         ("time_epoch", t_fwd + t_bwd + t_upd), ("forward_iters", iters / n),
+                         ("forward_converged", conv / n),
+                         ("cosine_mean", float(np.mean(cos_epoch)) if cos_epoch else None),
+                         *count.items()):
+                hist[k].append(v)
+            hist["epochs_run"] = epoch + 1
+            if not all(np.isfinite([loss_sum, val["loss"]])):
+                raise _diverged(hist, epoch, n_batches - 1, "the validation loss is not finite", cfg)
+            bar.set_postfix_str(f"loss {hist['train_loss'][-1]:.4g}, val metric {val['metric']:.3f}",
+                                refresh=False)
+            bar.update(1)
+            if cfg.stop_loss is not None and hist["train_loss"][-1] <= cfg.stop_loss:
+                hist["stopped_at_target"] = True
+                break
     summary = _summary(hist, cfg, n_batches)
     if summary:
         warnings.warn(summary, ConvergenceWarning, stacklevel=2)
