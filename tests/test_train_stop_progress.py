@@ -117,3 +117,14 @@ def test_progress_bar_off_when_stderr_is_not_a_terminal(capsys):
     run(quiet=False, label="jfb_batch b=16", epochs=3)        # capsys's stderr is no terminal
     out = capsys.readouterr()
     assert out.err == "" and out.out == ""
+
+
+def test_jfb_batch_time_to_target_reads_the_curve():
+    """The first epoch at or below the target (not the lowest one) and the time up to it."""
+    from deqref.experiments.jfb_batch import time_to_target
+    loss, t = [3.0, 6e-4, 5e-4, 4e-4, 5e-4], [0.1, 0.2, 0.3, 0.4, 0.5]
+    tt = time_to_target(loss, t, 3000, target=5e-4)
+    assert tt["reached"] is True and tt["epoch"] == 3 and tt["time_s"] == pytest.approx(0.6)
+    assert tt["target"] == 5e-4 and tt["max_epochs"] == 3000
+    tt = time_to_target(loss, t, 5, target=1e-4)
+    assert tt == {"target": 1e-4, "reached": False, "epoch": None, "time_s": None, "max_epochs": 5}
