@@ -241,6 +241,8 @@ def deqref_cell(row: dict) -> str:
         text += f" [{_fmt(row['interval'][0])}, {_fmt(row['interval'][1])}]"
     if row.get("n"):
         text += f", n = {row['n']}"
+    if row.get("note"):
+        text += f" ({row['note']})"
     return text
 
 

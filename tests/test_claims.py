@@ -26,6 +26,8 @@ IDS = {
     "accuracy_speed": ["geng.table3.upg_accuracy", "gdeq.table2.npg_accuracy", "gdeq.table2.jfb_accuracy",
                        "gdeq.table2.gdeq_accuracy", "geng.table3.upg_speedup", "gdeq.table2.npg_speedup",
                        "gdeq.table2.jfb_speedup", "gdeq.table2.gdeq_speedup", "gdeq.table2.gdeq_fastest"],
+    "jfb_batch": ["jfb.table1.epoch_cost", "jfb.table1.full_batch_loss", "jfb.fig1.time_to_loss_b64",
+                  "jfb.fig1.time_to_loss_b32"],
 }
 
 # (rule, measured, interval, expected verdict)
@@ -164,3 +166,29 @@ def test_every_experiment_has_its_claims(quick_rows):
             assert r["claim"] and r["rule"].startswith("reproduced if")
             assert r["interval"] is None or (r["n"] >= 2 and r["interval"][0] <= r["interval"][1])
             assert np.all(np.isfinite([v for v in np.ravel([r["measured"]]) if v is not None]))
+
+
+def _jfb(full_reached, b_reached, t_full=50.0, t_b=40.0, epochs=3000):
+    def run(reached, t, total):
+        return {"time_to_target": {"target": 5e-4, "reached": reached, "epoch": 10 if reached else None,
+                                   "time_s": t if reached else None, "max_epochs": epochs},
+                "time_total_s": total, "lowest_loss": 4e-4 if reached else 4e-3, "ms_per_epoch_vs_full": 4.0}
+    runs = {"2400": run(full_reached, t_full, 60.0)}
+    runs.update({b: run(b_reached, t_b, 70.0) for b in ("64", "32")})
+    return {"setting": {"epochs": epochs, "paper_epochs": 3000}, "runs": runs}
+
+
+@pytest.mark.parametrize("full_reached, b_reached, t_b, expected", [
+    (True, True, 200.0, "reproduced"),          # both reach 5e-4: the exact ratio, 4×
+    (True, True, 60.0, "not reproduced"),       # 1.2×
+    (False, True, 40.0, "not reproduced"),      # full batch never gets there: ratio < 40 / 60
+    (False, True, 150.0, "not resolved"),       # a bound of 2.5× settles nothing
+    (True, False, 40.0, "not resolved"),        # the mini-batch never gets there
+])
+def test_jfb_time_to_loss_uses_only_what_the_runs_decide(full_reached, b_reached, t_b, expected):
+    from deqref.experiments.jfb_batch import claims
+    rows = {r["id"]: r for r in claims(_jfb(full_reached, b_reached, t_b=t_b))}
+    assert rows["jfb.fig1.time_to_loss_b64"]["verdict"] == expected
+    short = {r["id"]: r for r in claims(_jfb(True, True, t_b=200.0, epochs=40))}
+    assert short["jfb.fig1.time_to_loss_b64"]["verdict"] == "not resolved"      # needs --full
+    assert short["jfb.table1.full_batch_loss"]["measured"] is None

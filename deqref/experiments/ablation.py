@@ -95,7 +95,8 @@ def config(estimator: str, options: dict, seed: int, epochs: int, batch_size: in
     ``accuracy_speed``'s, so that runs the two share are trained once."""
     return TrainConfig(estimator=estimator, estimator_options=dict(options), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
-                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM, quiet=True)
+                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM,
+                       label=f"ablation {estimator} {options} seed {seed}")
 
 
 def train_one(data, estimator: str, options: dict, seed: int, mode: str = "default",

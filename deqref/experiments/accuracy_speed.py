@@ -54,6 +54,7 @@ References
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def config(name: str, seed: int, epochs: int, batch_size: int) -> TrainConfig:
     est, opts, _ = METHODS[name]
     return TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                        solver_options=dict(FORWARD), optimizer="adam", lr=LR, epochs=epochs,
-                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM, quiet=True)
+                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM,
+                       label=f"{METHODS[name][2]} seed {seed}")
 
 
 def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
@@ -111,7 +113,7 @@ def _warm_up(data: Dataset, d: int, seed: int, batch_size: int) -> None:
     small = data.subset(m)
     for name in METHODS:
         train(DEQModel.random(d, data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT),
-              small, config(name, seed, 1, batch_size))
+              small, dataclasses.replace(config(name, seed, 1, batch_size), quiet=True))
 
 
 def _stats(runs: list, t_ref: dict | None) -> dict:

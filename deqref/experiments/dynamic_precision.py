@@ -115,7 +115,7 @@ def train_run(data, d: int, seed: int, epochs: int, batch_size: int, fwd: dict, 
     cfg = TrainConfig(estimator=est, estimator_options=dict(opts), solver="broyden",
                       solver_options=dict(fwd), optimizer="adam", lr=LR, epochs=epochs,
                       batch_size=batch_size, seed=seed, spectral_norm=SPECTRAL_NORM,
-                      track_cosine=True, quiet=True,
+                      track_cosine=True, label=f"dynamic_precision {fwd['max_iter']} it. seed {seed}",
                       probes={n: dict(o) for n, o in probes.items()})
     model = DEQModel.random(d, data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT)
     t0 = time.perf_counter()

@@ -93,7 +93,8 @@ def train_run(data, d: int, seed: int, epochs: int, batch_size: int, m: int,
         raise ValueError(f"trained_with must be 'gdeq' or 'implicit', got {trained_with!r}")
     cfg = TrainConfig(estimator=est, estimator_options=est_opts, solver="broyden", solver_options=dict(fwd),
                       optimizer="adam", lr=LR, epochs=epochs, batch_size=batch_size, seed=seed,
-                      spectral_norm=SPECTRAL_NORM, track_cosine=True, quiet=True, probes=probes)
+                      spectral_norm=SPECTRAL_NORM, track_cosine=True, probes=probes,
+                      label=f"gdeq_precision m={m} ({trained_with}) seed {seed}")
     model = DEQModel.random(d, data.d_x, data.n_outputs, "tanh", seed=seed, L_h=L_H_INIT)
     t0 = time.perf_counter()
     hist = train(model, data, cfg)

@@ -8,6 +8,7 @@ those of the run that trained it.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ..train import DEQModel, TrainConfig, train
@@ -18,7 +19,7 @@ _RUNS: dict = {}
 def trained(data, data_tag: str, d: int, activation: str, L_h: float, cfg: TrainConfig, keys) -> dict:
     """The history (``keys`` only, plus ``seed`` and ``wall_s``) of training
     ``DEQModel.random(d, …, seed=cfg.seed, L_h=L_h)`` on ``data`` (named ``data_tag``) with ``cfg``."""
-    key = (data_tag, d, activation, L_h, repr(cfg))
+    key = (data_tag, d, activation, L_h, repr(dataclasses.replace(cfg, label="", quiet=True)))  # not the bar
     if key not in _RUNS:
         model = DEQModel.random(d, data.d_x, data.n_outputs, activation, seed=cfg.seed, L_h=L_h)
         t0 = time.perf_counter()
