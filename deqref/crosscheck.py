@@ -20,7 +20,7 @@ key                        shape         meaning
 ``<name>__grad_b``         (d,)          A g for b, summed over the batch
 ``<name>__grad_x``         (n, d_x)      A_x g for x, per sample
 ``gdeq__B_inv``            (n, d, d)     per sample the dense inverse estimate B_T⁻¹ of Broyden
-``format_version``         ()  int       1 (optional in a user's file)
+``format_version``         ()  int       1 or 2 (optional in a format-1 file; absent = 1)
 =========================  ============  ==================================================
 
 Estimator names ``<name>`` and what ``A g`` means for each (paper's layout, ∂F/∂· = J_·ᵀ):
@@ -36,6 +36,7 @@ Estimator names ``<name>`` and what ``A g`` means for each (paper's layout, ∂F
 - ``bptt_T<T>``: T steps of *plain* iteration ``h_{t+1} = F(h_t)`` from ``h_0 = 0`` (no
   early stopping, no damping); ``A g`` is reverse-mode autodiff of ``h_T`` applied to ``g``
   (Eq. 11). ``h_star`` plays no part in it; ``g`` is treated as ``∂L/∂h_T``.
+  ``bptt_T<T>_lam<λ>``: the same through T damped steps ``h_{t+1} = λ F(h_t) + (1 − λ) h_t``.
 - ``gdeq``: ``−∂F/∂θ|_{h*} (B_T⁻¹)ᵀ g`` with ``B_T⁻¹`` the file's ``gdeq__B_inv`` (the
   standard-layout inverse estimate of Broyden on ``F(h) − h``, so ``B_T⁻¹ ≈ −(I − J_h)⁻¹``;
   see ``deqref.gradients.broyden_reuse``).
@@ -43,6 +44,28 @@ Estimator names ``<name>`` and what ``A g`` means for each (paper's layout, ∂F
 λ is written with Python's ``format(λ, "g")`` (``upg_k5_lam0.5``, ``npg_k10_lam1``) and read
 back with ``float``. The string array ``activation`` is a NumPy unicode array, so
 ``np.load(path, allow_pickle=False)`` reads every file.
+
+Format 2: files that describe themselves
+----------------------------------------
+A file with ``format_version = 2`` carries every convention its values depend on, as plain
+numbers and strings (the full table, with examples, is in ``docs/crosscheck.md``):
+
+- per file: ``cell`` (``"affine"``: the F above) and ``cell_description``; ``layout_W``,
+  ``layout_U``, ``layout_batch`` and, with ``gdeq``, ``layout_B_inv`` (strings that start
+  with a code — ``"out_in:"``, ``"out_in:"``, ``"rows:"``, ``"standard:"`` — followed by
+  what it means); ``sigma_prime_at_kink`` (0.0: ReLU's σ′(0)); optional ``deqref_version``,
+  ``seed``, ``h_star_residual`` (n,), and ``h_eval`` (n, d), the inexact point phantom
+  estimators may be evaluated at, with ``h_eval_steps`` and ``h_eval_residual`` (n,);
+- per estimator: ``<name>__kind`` (``"upg"``, …), ``<name>__k``, ``<name>__lam``,
+  ``<name>__T`` as numbers (the numbers are used; the name must be ``format(λ, "g")`` of
+  them), ``<name>__start`` (``"h_star"``, ``"h_eval"`` or ``"zeros"``: the state h_0 the
+  estimator is evaluated at, or its unroll starts from) and ``<name>__loss_at`` (the state
+  ``g`` is ∂L/∂ of: ``"h_k"`` for UPG, ``"h_T"`` for BPTT, the start otherwise).
+
+Where an estimator may start: ``implicit`` and ``gdeq`` at ``h_star`` (deqref's own tight
+h*); ``jfb``, ``npg`` and ``upg`` at ``h_star`` or ``h_eval`` (the file's array, as given);
+``bptt`` at ``zeros``. A format-2 key in a format-1 file, a missing one in a format-2 file,
+a number that disagrees with its name or a convention deqref does not compute is refused.
 
 What ``deqref crosscheck`` refuses
 ----------------------------------
@@ -72,7 +95,7 @@ file's NPG, UPG and BPTT                                  unrolled estimators
 per sample                                                ‖F(h) − h‖ < 1e-12 at all
 ============================  ==========================  ========================================
 
-The golden files use d ≤ 32, n ≤ 4, k ≤ 10 and T = 30; the bounds are two to four orders of
+The golden files use d ≤ 32, n ≤ 4, k ≤ 10 and T ≤ 5; the bounds are two to four orders of
 magnitude above that. Within them the slowest file measured takes about a minute on two cores
 (d = 4096, n = 1, UPG with k = 256: every step streams the 128 MiB W from memory three times).
 A verdict is given from finite numbers only: deqref's reference must be finite, and every
@@ -101,7 +124,7 @@ import tokenize
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +137,15 @@ from .gradients import estimate
 from .layers import ACTIVATIONS, Layer
 from .solvers import ConvergenceWarning, DenseInverse, solve
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # what ``deqref golden`` writes
+FORMAT_VERSIONS = (1, 2)      # what ``deqref crosscheck`` reads
 # A golden h* must satisfy ‖F(h*) − h*‖₂ < RESIDUAL_MAX per sample (the golden files' contract).
 RESIDUAL_MAX = 1e-12
 PARAMS = ("W", "U", "b", "x")
-_NAME_RE = re.compile(r"^(?:(implicit|jfb|gdeq)|(upg|npg)_k([0-9]+)_lam([0-9.eE+-]+)|bptt_T([0-9]+))$")
-NAME_FORMS = "implicit, jfb, gdeq, upg_k<k>_lam<λ>, npg_k<k>_lam<λ>, bptt_T<T>"
+_NAME_RE = re.compile(r"^(?:(implicit|jfb|gdeq)|(upg|npg)_k([0-9]+)_lam([0-9.eE+-]+)"
+                      r"|bptt_T([0-9]+)(?:_lam([0-9.eE+-]+))?)$")
+NAME_FORMS = ("implicit, jfb, gdeq, upg_k<k>_lam<λ>, npg_k<k>_lam<λ>, bptt_T<T>, "
+              "bptt_T<T>_lam<λ>")
 
 # The bounds of ``deqref crosscheck`` (module docstring, "What deqref crosscheck refuses").
 D_MAX = 4096               # d, the hidden size
@@ -164,7 +190,8 @@ def estimator_name(kind: str, *, k: int | None = None, lam: float | None = None,
     if kind in ("upg", "npg"):
         return f"{kind}_k{int(k)}_lam{format(float(lam), 'g')}"
     if kind == "bptt":
-        return f"bptt_T{int(T)}"
+        damped = lam is not None and float(lam) != 1.0
+        return f"bptt_T{int(T)}" + (f"_lam{format(float(lam), 'g')}" if damped else "")
     if kind in ("implicit", "jfb", "gdeq"):
         return kind
     raise ValueError(f"kind must be one of implicit, jfb, gdeq, upg, npg, bptt; got {kind!r}")
@@ -183,27 +210,35 @@ def _steps(name: str, symbol: str, digits: str, bound: int, who: str) -> int:
 
 
 def parse_estimator(name: str) -> tuple[str, dict]:
-    """``"upg_k5_lam0.5"`` → ``("upg", {"k": 5, "lam": 0.5})``; raises naming the valid forms
-    or the bound (k ≤ ``K_MAX``, T ≤ ``T_MAX``)."""
+    """``"upg_k5_lam0.5"`` → ``("upg", {"k": 5, "lam": 0.5})``, ``"bptt_T4"`` →
+    ``("bptt", {"T": 4})``, ``"bptt_T5_lam0.7"`` → ``("bptt", {"T": 5, "lam": 0.7})``; raises
+    naming the valid forms or the bound (k ≤ ``K_MAX``, T ≤ ``T_MAX``)."""
     m = _NAME_RE.match(name)
     if m is None:
         raise CrosscheckError(f"unknown estimator name {_short(name)}; expected one of: {NAME_FORMS}")
-    plain, kind, k, lam, T = m.groups()
+    plain, kind, k, lam, T, T_lam = m.groups()
     if plain:
         return plain, {}
-    if kind:
+
+    def damping(text):
         try:
-            lam_f = float(lam)
+            value = float(text)
         except ValueError:
-            raise CrosscheckError(f"estimator {_short(name)}: λ {lam!r} is not a number") from None
+            raise CrosscheckError(f"estimator {_short(name)}: λ {text!r} is not a number") from None
+        if not 0 < value <= 1:
+            raise CrosscheckError(f"estimator {_short(name)}: expected λ in (0, 1]")
+        return value
+
+    if kind:
+        lam_f = damping(lam)
         k_i = _steps(name, "k", k, K_MAX, "NPG and UPG")
-        if not (0 < lam_f <= 1) or k_i < 1:
+        if k_i < 1:
             raise CrosscheckError(f"estimator {_short(name)}: expected k >= 1 and λ in (0, 1]")
         return kind, {"k": k_i, "lam": lam_f}
     T_i = _steps(name, "T", T, T_MAX, "BPTT")
     if T_i < 1:
         raise CrosscheckError(f"estimator {_short(name)}: expected T >= 1")
-    return "bptt", {"T": T_i}
+    return "bptt", ({"T": T_i} if T_lam is None else {"T": T_i, "lam": damping(T_lam)})
 
 
 # ------------------------------------------------------------------ deqref's side
@@ -292,13 +327,18 @@ def _at(result, **changes):
     return replace(result, **changes)
 
 
-def _reference_estimate(layer: Layer, x, grad_h, kind: str, options: dict, result, B_inv=None):
-    """deqref's ``Gradient`` for one estimator of the format (module docstring)."""
+def _reference_estimate(layer: Layer, x, grad_h, kind: str, options: dict, result, B_inv=None,
+                        h0=None):
+    """deqref's ``Gradient`` for one estimator of the format (module docstring).
+
+    ``h0`` (n, d) is the state a phantom estimator (jfb, npg, upg) is evaluated at, or starts
+    its unroll from; None means h* (``result.h``). BPTT always starts at 0.
+    """
     if kind == "bptt":
-        # Eq. (11): exactly T plain steps from h_0 = 0, no early stop. That is UPG's unroll
-        # (Eq. 17) with λ = 1 started at 0, so no solver's stopping rule can shorten it.
+        # Eq. (11): exactly T plain (or λ-damped) steps from h_0 = 0, no early stop. That is
+        # UPG's unroll (Eq. 17) started at 0, so no solver's stopping rule can shorten it.
         start = _at(result, h=0.0 * result.h)
-        return estimate("upg", layer, x, start, grad_h, k=options["T"], lam=1.0)
+        return estimate("upg", layer, x, start, grad_h, k=options["T"], lam=options.get("lam", 1.0))
     if kind == "gdeq":
         if B_inv is not None:
             dense = DenseInverse(np, *B_inv.shape[:2], np.float64)
@@ -307,30 +347,142 @@ def _reference_estimate(layer: Layer, x, grad_h, kind: str, options: dict, resul
         return estimate("gdeq", layer, x, result, grad_h)
     if kind == "implicit":
         return estimate("implicit_dense", layer, x, result, grad_h)
+    if h0 is not None:
+        # evaluated where the file says, an inexact point on purpose: recorded as the point to
+        # differentiate at, not as an unconverged forward (no flag)
+        result = _at(result, h=np.asarray(h0, dtype=np.float64))
     return estimate(kind, layer, x, result, grad_h, **options)
 
 
 def reference_gradient(layer: Layer, x, grad_h, kind: str, options: dict, result,
-                       B_inv=None) -> dict:
+                       B_inv=None, h0=None) -> dict:
     """deqref's A g for one estimator, as ``{"W", "U", "b", "x"}`` arrays.
 
     ``result`` is the tight solve of ``solve_tight`` (its ``h`` is h*); ``B_inv`` (n, d, d)
-    replaces the result's Broyden inverse for ``gdeq`` when given.
+    replaces the result's Broyden inverse for ``gdeq`` when given; ``h0`` (n, d) is where
+    ``jfb``, ``npg`` and ``upg`` are evaluated (default h*).
     """
-    est = _reference_estimate(layer, x, grad_h, kind, options, result, B_inv)
+    est = _reference_estimate(layer, x, grad_h, kind, options, result, B_inv, h0)
     return {"W": est.W, "U": est.U, "b": est.b, "x": est.x}
+
+
+# ------------------------------------------------------------------ format 2: conventions
+CELL = "affine"
+CELL_DESCRIPTION = ("F(h, x) = σ(W h + U x + b) per sample, σ(h Wᵀ + x Uᵀ + b) for a batch "
+                    "of rows h (n, d), x (n, d_x); σ is the key 'activation', applied "
+                    "elementwise; θ = (W, U, b)")
+# (code, meaning): a file's layout string must start with "<code>:"
+LAYOUTS = {
+    "layout_W": ("out_in", "W[i, j] multiplies h[j] into output i, shape (d, d): "
+                 "torch.nn.Linear(d, d).weight as it is; a kernel K used as h @ K (flax, "
+                 "haiku) is Wᵀ"),
+    "layout_U": ("out_in", "U[i, j] multiplies x[j] into output i, shape (d, d_x): "
+                 "torch.nn.Linear(d_x, d).weight as it is; a kernel K used as x @ K is Uᵀ"),
+    "layout_batch": ("rows", "x, grad_h, h_star, h_eval and <name>__grad_x hold one row per "
+                     "sample; <name>__grad_W, __grad_U, __grad_b are summed over the batch, in "
+                     "the layout of W, U, b"),
+    "layout_B_inv": ("standard", "gdeq__B_inv[s, i, j]: sample s's Broyden estimate of the "
+                     "inverse Jacobian of F(h) − h at h*, ≈ −[(I − J_h)⁻¹][i, j] with J_h[i, j] "
+                     "= ∂F_i/∂h_j; gdeq's A g = −∂F/∂θ (B_inv)ᵀ g in the paper's layout "
+                     "∂F/∂θ = J_θᵀ"),
+}
+SIGMA_PRIME_AT_KINK = 0.0     # ReLU's σ′(0), as torch.relu and jax.nn.relu differentiate it
+# where each kind may be evaluated / start its unroll, and where its loss is taken
+STARTS = {"implicit": ("h_star",), "gdeq": ("h_star",), "jfb": ("h_star", "h_eval"),
+          "npg": ("h_star", "h_eval"), "upg": ("h_star", "h_eval"), "bptt": ("zeros",)}
+_STRING_CHARS = 1024          # a format-2 string is at most this long
+# global format-2 keys: key -> (what, shape, required); what: "str", "int", "float", "array"
+_META = {"cell": ("str", (), True), "cell_description": ("str", (), False),
+         "sigma_prime_at_kink": ("float", (), True), "layout_W": ("str", (), True),
+         "layout_U": ("str", (), True), "layout_batch": ("str", (), True),
+         "layout_B_inv": ("str", (), False), "deqref_version": ("str", (), False),
+         "seed": ("int", (), False), "h_star_residual": ("array", ("n",), False),
+         "h_eval": ("array", ("n", "d"), False), "h_eval_steps": ("int", (), False),
+         "h_eval_residual": ("array", ("n",), False)}
+# per-estimator format-2 keys: suffix -> what
+_EST_META = {"kind": "str", "k": "int", "lam": "float", "T": "int", "start": "str",
+             "loss_at": "str"}
+
+
+def loss_at(kind: str, start: str) -> str:
+    """The state the upstream gradient g is ∂L/∂ of: h_k for UPG (Algorithm 1), h_T for BPTT,
+    the evaluation point otherwise."""
+    return {"upg": "h_k", "bptt": "h_T"}.get(kind, start)
+
+
+def default_start(kind: str) -> str:
+    """Where format 1 evaluates each estimator: h* for all but BPTT, which starts at 0."""
+    return "zeros" if kind == "bptt" else "h_star"
+
+
+def conventions(name: str, start: str | None = None, **numbers) -> dict:
+    """The format-2 keys of estimator ``name``: ``<name>__kind``, its numbers (k, λ, T),
+    ``__start`` and ``__loss_at``, as plain NumPy scalars and strings.
+
+    ``numbers`` (``lam=1/3``) replace the name's rounded ones where given (the file then keeps
+    λ to full precision); they must round to the name.
+    """
+    kind, opts = parse_estimator(name)
+    opts = dict(opts, **{k: v for k, v in numbers.items() if v is not None})
+    if kind == "bptt":
+        opts.setdefault("lam", 1.0)
+    if estimator_name(kind, **opts) != estimator_name(kind, **parse_estimator(name)[1]):
+        raise ValueError(f"numbers {numbers} do not match the estimator name {name!r}")
+    start = default_start(kind) if start is None else start
+    if start not in STARTS[kind]:
+        raise ValueError(f"start must be one of {list(STARTS[kind])} for {kind}, got {start!r}")
+    out = {f"{name}__kind": np.array(kind)}
+    for key, value in opts.items():
+        out[f"{name}__{key}"] = np.array(float(value) if key == "lam" else int(value))
+    out[f"{name}__start"] = np.array(start)
+    out[f"{name}__loss_at"] = np.array(loss_at(kind, start))
+    return out
+
+
+def file_conventions(*, gdeq: bool = False) -> dict:
+    """The format-2 keys of the file itself: ``format_version``, ``cell``,
+    ``cell_description``, the layouts (``layout_B_inv`` with ``gdeq``), σ′ at kinks and the
+    deqref version."""
+    from . import __version__
+    out = {"format_version": np.array(2), "deqref_version": np.array(__version__),
+           "cell": np.array(CELL), "cell_description": np.array(CELL_DESCRIPTION),
+           "sigma_prime_at_kink": np.array(SIGMA_PRIME_AT_KINK)}
+    for key, (code, meaning) in LAYOUTS.items():
+        if key != "layout_B_inv" or gdeq:
+            out[key] = np.array(f"{code}: {meaning}")
+    return out
 
 
 # ------------------------------------------------------------------ golden files
 # (activation, d, d_x, n, seed): several activations, d ≤ 32, batch ≤ 4.
 GOLDEN_CASES = (("tanh", 8, 5, 3, 101), ("relu", 16, 6, 4, 102), ("softplus", 32, 4, 2, 103))
-GOLDEN_ESTIMATORS = (("implicit", {}), ("jfb", {}), ("upg", {"k": 5, "lam": 0.5}),
-                     ("upg", {"k": 1, "lam": 1.0}), ("npg", {"k": 5, "lam": 0.5}),
-                     ("npg", {"k": 10, "lam": 1.0}), ("bptt", {"T": 30}), ("gdeq", {}))
+# Format 1: every estimator at an exact h*, where several coincide (UPG = NPG, upg_k1_lam1 =
+# jfb) and BPTT after 30 steps is the implicit gradient to 1e-10.
+GOLDEN_ESTIMATORS_V1 = (("implicit", {}), ("jfb", {}), ("upg", {"k": 5, "lam": 0.5}),
+                        ("upg", {"k": 1, "lam": 1.0}), ("npg", {"k": 5, "lam": 0.5}),
+                        ("npg", {"k": 10, "lam": 1.0}), ("bptt", {"T": 30}), ("gdeq", {}))
+# Format 2: estimators that every two differ by ≥ 1e-3 relative. The phantom estimators (jfb,
+# npg, upg) are evaluated at h_eval, H_EVAL_STEPS plain steps from 0 (residual 0.04–0.3), where
+# UPG's Jacobians along its unroll differ from NPG's at one point; BPTT is short (T = 4 plain,
+# T = 5 damped) so that its start at 0 and its step count show; implicit and gdeq stay at h*.
+GOLDEN_ESTIMATORS = (("implicit", {}, "h_star"), ("jfb", {}, "h_eval"),
+                     ("upg", {"k": 5, "lam": 0.5}, "h_eval"), ("upg", {"k": 3, "lam": 1.0}, "h_eval"),
+                     ("npg", {"k": 5, "lam": 0.5}, "h_eval"), ("npg", {"k": 3, "lam": 1.0}, "h_eval"),
+                     ("npg", {"k": 10, "lam": 1.0}, "h_eval"), ("bptt", {"T": 4}, "zeros"),
+                     ("bptt", {"T": 5, "lam": 0.7}, "zeros"), ("gdeq", {}, "h_star"))
+H_EVAL_STEPS = 2
 
 
-def golden_arrays(activation: str, d: int, d_x: int, n: int, seed: int) -> dict:
-    """The arrays of one golden file (see the module docstring for the format)."""
+def golden_arrays(activation: str, d: int, d_x: int, n: int, seed: int, *,
+                  format_version: int = 1) -> dict:
+    """The arrays of one golden file (see the module docstring for the format).
+
+    ``format_version`` 2 is what ``deqref golden`` writes (estimators that tell each other
+    apart, every convention in the file); 1 (the default) is the earlier key set, every
+    estimator at h*.
+    """
+    if format_version not in FORMAT_VERSIONS:
+        raise ValueError(f"format_version must be one of {FORMAT_VERSIONS}, got {format_version!r}")
     # ‖W‖₂ = 0.8 and |σ'| ≤ 1 for these activations: F is a contraction in h.
     # Golden files are host data: build them with NumPy whatever backend is selected.
     with use_backend("numpy"):
@@ -339,25 +491,42 @@ def golden_arrays(activation: str, d: int, d_x: int, n: int, seed: int) -> dict:
     x = rng.standard_normal((n, d_x))                                   # (n, d_x)
     grad_h = rng.standard_normal((n, d))                                # (n, d)
     res = solve_tight(layer, x)
-    out = {"format_version": np.array(FORMAT_VERSION), "activation": np.array(activation),
+    out = {"format_version": np.array(format_version), "activation": np.array(activation),
            "W": layer.W, "U": layer.U, "b": layer.b, "x": x, "h_star": res.h, "grad_h": grad_h,
            "gdeq__B_inv": res.B_inv.dense()}
-    for kind, opts in GOLDEN_ESTIMATORS:
+    if format_version == 1:
+        for kind, opts in GOLDEN_ESTIMATORS_V1:
+            name = estimator_name(kind, **opts)
+            grads = reference_gradient(layer, x, grad_h, kind, opts, res)
+            for p in PARAMS:
+                out[f"{name}__grad_{p}"] = np.asarray(grads[p], dtype=np.float64)
+        return out
+    h_eval = np.zeros((n, d))
+    for _ in range(H_EVAL_STEPS):                                       # plain steps from 0
+        h_eval = np.asarray(layer(h_eval, x), dtype=np.float64)
+    with _quiet():
+        out.update(file_conventions(gdeq=True), seed=np.array(seed),
+                   h_star_residual=_residuals(layer, x, res.h), h_eval=h_eval,
+                   h_eval_steps=np.array(H_EVAL_STEPS),
+                   h_eval_residual=_residuals(layer, x, h_eval))
+    for kind, opts, start in GOLDEN_ESTIMATORS:
         name = estimator_name(kind, **opts)
-        grads = reference_gradient(layer, x, grad_h, kind, opts, res)
+        grads = reference_gradient(layer, x, grad_h, kind, opts, res,
+                                   h0=h_eval if start == "h_eval" else None)
+        out.update(conventions(name, start, **opts))
         for p in PARAMS:
             out[f"{name}__grad_{p}"] = np.asarray(grads[p], dtype=np.float64)
     return out
 
 
-def write_golden(out: Path) -> list[Path]:
+def write_golden(out: Path, *, format_version: int = FORMAT_VERSION) -> list[Path]:
     """Write the golden files into ``out`` (created if needed); return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for activation, d, d_x, n, seed in GOLDEN_CASES:
         path = out / f"golden_{activation}_d{d}.npz"
-        np.savez(path, **golden_arrays(activation, d, d_x, n, seed))
+        np.savez(path, **golden_arrays(activation, d, d_x, n, seed, format_version=format_version))
         paths.append(path)
     return paths
 
@@ -375,6 +544,11 @@ class CrosscheckInput:
     B_inv: np.ndarray | None
     theirs: dict          # estimator name -> {param: array}
     notes: list
+    format_version: int = 1
+    h_eval: np.ndarray | None = None
+    # estimator name -> {"kind", "options" (k, lam, T as numbers), "start"}
+    conventions: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)      # the file's other format-2 keys, as read
 
 
 @dataclass(frozen=True)
@@ -487,6 +661,23 @@ def _expect(headers: dict, key: str, shape, notes: list) -> _Header:
     return h
 
 
+def _expect_meta(headers: dict, key: str, what: str, shape: tuple, notes: list) -> None:
+    """The header of a format-2 key: a string, an integer or a real number of shape (), or a
+    floating-point array of ``shape``."""
+    h = headers[key]
+    if what == "array":
+        _expect(headers, key, shape, notes)
+        return
+    expected = {"str": "a string (np.array('...'))", "int": "an integer (np.array(5))",
+                "float": "a real number (np.array(0.5))"}[what]
+    kinds = {"str": "US", "int": "iu", "float": "fiu"}[what]
+    if (h.dtype.kind not in kinds or h.shape != ()
+            or (what == "str" and h.dtype.itemsize > 4 * _STRING_CHARS)):
+        raise CrosscheckError(f"key {_short(key)}: expected {expected}"
+                              + (f" of at most {_STRING_CHARS} characters" if what == "str" else "")
+                              + f", got dtype {h.dtype}, shape {h.shape}")
+
+
 def _check_sizes(d: int | None = None, d_x: int | None = None, n: int | None = None) -> None:
     """The bounds on d, d_x and n (each checked as soon as its header is read), and on the
     dense reference's n · d² once all three are known."""
@@ -549,26 +740,41 @@ def _check_format(headers: dict) -> tuple[dict, list]:
     if "format_version" in headers:
         fv = headers["format_version"]
         if fv.dtype.kind not in "iu" or fv.shape != ():
-            raise CrosscheckError(f"key 'format_version': expected the integer {FORMAT_VERSION} "
+            raise CrosscheckError(f"key 'format_version': expected the integer 1 or 2 "
                                   f"(np.array({FORMAT_VERSION})), got dtype {fv.dtype}, shape {fv.shape}")
     shapes = {"W": (d, d), "U": (d, d_x), "b": (d,), "x": (n, d_x)}
+    dims = {"n": n, "d": d}
     known = {"activation", "W", "U", "b", "x", "grad_h", "h_star", "format_version", "gdeq__B_inv"}
     names: dict = {}
+    graded: set = set()
     for key in sorted(headers):
         if key in known:
+            continue
+        if key in _META:
+            what, shape, _ = _META[key]
+            _expect_meta(headers, key, what, tuple(dims[s] for s in shape), notes)
             continue
         name, sep, what = key.partition("__")
         if not sep:
             raise CrosscheckError(f"unknown key {_short(key)}; expected 'activation', 'W', 'U', "
-                                  f"'b', 'x', 'grad_h', 'h_star', 'format_version' or "
-                                  f"'<estimator>__grad_<W|U|b|x>'")
+                                  f"'b', 'x', 'grad_h', 'h_star', 'format_version', a format-2 "
+                                  f"key ({', '.join(_META)}) or '<estimator>__grad_<W|U|b|x>'")
         if name not in names:
             names[name] = parse_estimator(name)
+        if what in _EST_META:
+            _expect_meta(headers, key, _EST_META[what], (), notes)
+            continue
         param = what[len("grad_"):] if what.startswith("grad_") else None
         if param not in shapes:
             raise CrosscheckError(f"unknown key {_short(key)}; expected '{name}__grad_W', "
-                                  f"'{name}__grad_U', '{name}__grad_b' or '{name}__grad_x'")
+                                  f"'{name}__grad_U', '{name}__grad_b', '{name}__grad_x' or a "
+                                  f"format-2 convention '{name}__<{'|'.join(_EST_META)}>'")
         _expect(headers, key, shapes[param], notes)
+        graded.add(name)
+    for name in names:
+        if name not in graded:
+            raise CrosscheckError(f"estimator {_short(name)}: its conventions are given but no "
+                                  f"gradient; expected a key '{name}__grad_<W|U|b|x>'")
     if not names:
         raise CrosscheckError("no gradients found: expected keys '<estimator>__grad_<W|U|b|x>' "
                               f"with <estimator> one of: {NAME_FORMS}")
@@ -650,16 +856,131 @@ def load_input(path: Path) -> CrosscheckInput:
     activation = _activation(data["activation"])
     W, U, b, x, grad_h = (_finite64(data, k) for k in ("W", "U", "b", "x", "grad_h"))
     h_star = _finite64(data, "h_star") if "h_star" in data else None
-    if "format_version" in data and int(data["format_version"]) != FORMAT_VERSION:
-        raise CrosscheckError(f"key 'format_version': expected {FORMAT_VERSION}, "
-                              f"got {int(data['format_version'])}")
+    version = int(data["format_version"]) if "format_version" in data else 1
+    if version not in FORMAT_VERSIONS:
+        raise CrosscheckError(f"key 'format_version': expected 1 or 2, got {version}")
     theirs: dict = {}
     for key in sorted(data):
         name, sep, what = key.partition("__")
-        if sep and key != "gdeq__B_inv":
+        if sep and key != "gdeq__B_inv" and what.startswith("grad_"):
             theirs.setdefault(name, {})[what[len("grad_"):]] = _finite64(data, key)
     B_inv = _finite64(data, "gdeq__B_inv") if "gdeq" in theirs else None
-    return CrosscheckInput(activation, W, U, b, x, grad_h, h_star, B_inv, theirs, notes)
+    v2 = sorted(k for k in data if k in _META or k.partition("__")[2] in _EST_META)
+    if version == 1:
+        if v2:
+            raise CrosscheckError(f"key {_short(v2[0])} is a format-2 key; a file that carries "
+                                  f"conventions says format_version = np.array(2)")
+        conv = {name: {"kind": kind, "options": opts, "start": default_start(kind)}
+                for name, (kind, opts) in ((nm, parse_estimator(nm)) for nm in theirs)}
+        return CrosscheckInput(activation, W, U, b, x, grad_h, h_star, B_inv, theirs, notes,
+                               1, None, conv, {})
+    meta = _file_meta(data, gdeq="gdeq" in theirs)
+    h_eval = _finite64(data, "h_eval") if "h_eval" in data else None
+    conv = {name: _estimator_conventions(data, name, h_eval is not None) for name in theirs}
+    return CrosscheckInput(activation, W, U, b, x, grad_h, h_star, B_inv, theirs, notes,
+                           2, h_eval, conv, meta)
+
+
+def _text(data: dict, key: str) -> str:
+    value = data[key].reshape(()).item()
+    if isinstance(value, bytes):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            raise CrosscheckError(f"key {key!r}: not a UTF-8 string") from None
+    return value
+
+
+def _missing(key: str, expected: str) -> CrosscheckError:
+    return CrosscheckError(f"missing key {_short(key)}: format 2 carries it ({expected})")
+
+
+def _file_meta(data: dict, gdeq: bool) -> dict:
+    """The file's format-2 keys, checked against the conventions deqref computes with."""
+    for key, (what, _, required) in _META.items():
+        if (required or (key == "layout_B_inv" and gdeq)) and key not in data:
+            if key in LAYOUTS:
+                raise _missing(key, f"a string starting {LAYOUTS[key][0] + ':'!r}: "
+                                    f"{LAYOUTS[key][1][:80]}...")
+            raise _missing(key, {"cell": f"np.array({CELL!r})",
+                                 "sigma_prime_at_kink": f"np.array({SIGMA_PRIME_AT_KINK})"}[key])
+    meta: dict = {}
+    for key, (what, _, _) in _META.items():
+        if key not in data:
+            continue
+        if what == "str":
+            meta[key] = _text(data, key)
+        elif what == "int":
+            meta[key] = int(data[key])
+        elif what == "float":
+            meta[key] = float(data[key])
+            if not math.isfinite(meta[key]):
+                raise CrosscheckError(f"key {key!r}: expected a finite number, got {meta[key]}")
+        else:
+            meta[key] = _finite64(data, key)
+    if meta["cell"] != CELL:
+        raise CrosscheckError(f"key 'cell': deqref crosscheck computes the cell {CELL!r} "
+                              f"(F = σ(W h + U x + b)); got {_short(meta['cell'])}")
+    if meta["sigma_prime_at_kink"] != SIGMA_PRIME_AT_KINK:
+        raise CrosscheckError(f"key 'sigma_prime_at_kink': deqref takes σ′ = "
+                              f"{SIGMA_PRIME_AT_KINK:g} at a kink (ReLU at 0, as torch.relu and "
+                              f"jax.nn.relu do); got {meta['sigma_prime_at_kink']:g}")
+    for key, (code, meaning) in LAYOUTS.items():
+        if key in meta and meta[key].partition(":")[0].strip() != code:
+            hint = ("; transpose the array (a kernel used as h @ K is the transpose: "
+                    "deqref.crosscheck.from_jax_params does it)" if code == "out_in" else "")
+            raise CrosscheckError(f"key {key!r}: deqref reads the layout {code!r} ({meaning[:60]}"
+                                  f"...), expected a string starting {code + ':'!r}, got "
+                                  f"{_short(meta[key][:40])}{hint}")
+    return meta
+
+
+def _estimator_conventions(data: dict, name: str, has_h_eval: bool) -> dict:
+    """One estimator's format-2 keys: present, consistent with its name, and a convention
+    deqref computes. Returns {"kind", "options" (the file's numbers), "start"}."""
+    kind, opts = parse_estimator(name)
+    what = f"estimator {_short(name)}"
+    numbers = {"npg": ("k", "lam"), "upg": ("k", "lam"), "bptt": ("T", "lam")}.get(kind, ())
+    for suffix in ("kind",) + numbers + ("start", "loss_at"):
+        if f"{name}__{suffix}" not in data:
+            raise _missing(f"{name}__{suffix}", f"{what}: its {suffix} as "
+                           + ("a number" if suffix in numbers else "a string"))
+    for suffix in set(_EST_META) - {"kind", "start", "loss_at"} - set(numbers):
+        if f"{name}__{suffix}" in data:
+            raise CrosscheckError(f"key {_short(name + '__' + suffix)}: {kind} has no {suffix}")
+    if _text(data, f"{name}__kind") != kind:
+        raise CrosscheckError(f"key {_short(name + '__kind')}: the name says {kind!r}, the key "
+                              f"says {_short(_text(data, name + '__kind'))}")
+    given = dict(opts)
+    for suffix in numbers:
+        value = data[f"{name}__{suffix}"].item()
+        if suffix == "lam":
+            value = float(value)
+            if not (math.isfinite(value) and 0 < value <= 1):
+                raise CrosscheckError(f"key {_short(name + '__lam')}: expected λ in (0, 1], "
+                                      f"got {value}")
+        elif int(value) != value:
+            raise CrosscheckError(f"key {_short(name + '__' + suffix)}: expected an integer")
+        given[suffix] = value
+    canonical = estimator_name(kind, **opts)
+    if estimator_name(kind, **given) != canonical:
+        shown = ", ".join(f"{k} = {given[k]!r}" for k in numbers)
+        raise CrosscheckError(f"{what}: its numbers ({shown}) do not match its name (expected "
+                              f"the name {estimator_name(kind, **given)!r})")
+    start = _text(data, f"{name}__start")
+    if start not in STARTS[kind]:
+        raise CrosscheckError(f"key {_short(name + '__start')}: {kind} starts at "
+                              f"{' or '.join(map(repr, STARTS[kind]))} in deqref's definition, "
+                              f"got {_short(start)}")
+    if start == "h_eval" and not has_h_eval:
+        raise _missing("h_eval", f"{what} starts at 'h_eval': the (n, d) state it is "
+                       f"evaluated at")
+    loss = _text(data, f"{name}__loss_at")
+    if loss != loss_at(kind, start):
+        raise CrosscheckError(f"key {_short(name + '__loss_at')}: {kind} from {start} takes its "
+                              f"loss at {loss_at(kind, start)!r} (g = ∂L/∂ of that state), got "
+                              f"{_short(loss)}")
+    return {"kind": kind, "options": {k: v for k, v in given.items()}, "start": start}
 
 
 # ------------------------------------------------------------------ comparing
@@ -690,7 +1011,8 @@ def _overflow_reason(inp: CrosscheckInput) -> str:
     return f"float64 overflowed; the file's largest entry is |{key}| = {top:.1e}"
 
 
-def _reference(name: str, kind: str, opts: dict, layer: Layer, inp: CrosscheckInput, res) -> dict:
+def _reference(name: str, kind: str, opts: dict, layer: Layer, inp: CrosscheckInput, res,
+               h0=None) -> dict:
     """deqref's reference for estimator ``name``, finite and unflagged, or ``CrosscheckError``
     saying why there is none (no verdict can come from it)."""
     from scipy.linalg import LinAlgWarning
@@ -699,7 +1021,7 @@ def _reference(name: str, kind: str, opts: dict, layer: Layer, inp: CrosscheckIn
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("error", ConvergenceWarning)
             warnings.simplefilter("error", LinAlgWarning)       # I − ∂F/∂h ill-conditioned
-            est = _reference_estimate(layer, inp.x, inp.grad_h, kind, opts, res, inp.B_inv)
+            est = _reference_estimate(layer, inp.x, inp.grad_h, kind, opts, res, inp.B_inv, h0)
     except (np.linalg.LinAlgError, LinAlgWarning) as e:
         why = (f"I − ∂F/∂h at h* is singular to working precision, so h* is not an isolated "
                f"fixed point and Eq. (4) has no solution ({_one_line(e)[:160].rstrip(';')})")
@@ -728,8 +1050,13 @@ def crosscheck(inp: CrosscheckInput) -> list[dict]:
     res = solve_tight(layer, inp.x)
     rows = []
     for name, grads in inp.theirs.items():
-        kind, opts = parse_estimator(name)
-        mine = _reference(name, kind, opts, layer, inp, res)
+        conv = inp.conventions.get(name)
+        if conv is None:                           # an input built by hand: format 1's rules
+            kind, opts = parse_estimator(name)
+            conv = {"kind": kind, "options": opts, "start": default_start(kind)}
+        kind, opts = conv["kind"], conv["options"]
+        h0 = inp.h_eval if conv["start"] == "h_eval" else None
+        mine = _reference(name, kind, opts, layer, inp, res, h0)
         for p in [q for q in PARAMS if q in grads]:
             theirs = grads[p]
             err, cos = compare(mine[p], theirs)
@@ -775,9 +1102,17 @@ def crosscheck_file(path: Path, tol: float) -> int:
     n, d = inp.grad_h.shape
     print(f"{path}: activation {inp.activation}, d = {d}, d_x = {inp.U.shape[1]}, n = {n}; "
           f"deqref's h* solved to ‖F(h*) − h*‖ < {RESIDUAL_MAX:g}")
+    if inp.format_version == 2:
+        made = ", ".join(f"{k} {inp.meta[k]}" for k in ("deqref_version", "seed") if k in inp.meta)
+        print(f"  format 2: cell {inp.meta['cell']}" + (f" ({made})" if made else ""))
     if inp.h_star is not None:
         r = _residuals(layer, inp.x, inp.h_star).max()
         print(f"  your h_star: max residual ‖F(h) − h‖ = {r:.2e}")
+    at_eval = [nm for nm, c in inp.conventions.items() if c["start"] == "h_eval"]
+    if at_eval:
+        with np.errstate(all="ignore"):
+            r = _residuals(layer, inp.x, inp.h_eval).max()
+        print(f"  at your h_eval (max residual ‖F(h) − h‖ = {r:.2e}): {', '.join(at_eval)}")
     for note in inp.notes:
         print(f"  note: {note}")
     print(format_table(rows, tol))

@@ -141,12 +141,18 @@ def test_too_many_members(tmp_path, capsys, golden):
 ])
 def test_malformed_format_version(tmp_path, capsys, golden, value, got):
     arrays = dict(base(golden), format_version=value)
-    refused(capsys, save(tmp_path, arrays), "key 'format_version': expected the integer 1", got)
+    refused(capsys, save(tmp_path, arrays), "key 'format_version': expected the integer 1 or 2", got)
 
 
 def test_other_format_version(tmp_path, capsys, golden):
+    arrays = dict(base(golden), format_version=np.array(3))
+    refused(capsys, save(tmp_path, arrays), "key 'format_version': expected 1 or 2, got 3")
+
+
+def test_format_2_without_its_conventions(tmp_path, capsys, golden):
+    """A file that says format 2 must carry the conventions format 2 is about."""
     arrays = dict(base(golden), format_version=np.array(2))
-    refused(capsys, save(tmp_path, arrays), "key 'format_version': expected 1, got 2")
+    refused(capsys, save(tmp_path, arrays), "missing key 'cell': format 2 carries it")
 
 
 def test_format_version_1_is_read(tmp_path, capsys, golden):
