@@ -453,6 +453,232 @@ def file_conventions(*, gdeq: bool = False) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ export helpers
+def _host(a, what: str) -> np.ndarray:
+    """A PyTorch tensor, JAX or NumPy array as a float64 NumPy array (copied to the host)."""
+    if hasattr(a, "detach"):                       # torch.Tensor
+        a = a.detach().cpu().numpy()
+    try:
+        out = np.array(a, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: expected a real array, got {type(a).__name__} ({e})") from None
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{what}: contains NaN or inf")
+    return out
+
+
+def torch_params(lin_h, lin_x=None, *, d: int | None = None, x=None) -> tuple[dict, dict]:
+    """deqref's ``W``, ``U``, ``b`` and their gradients from ``torch.nn.Linear`` modules.
+
+    ``F(h) = σ(lin_h(h) + lin_x(x))``: ``W = lin_h.weight``, ``U = lin_x.weight`` (both
+    (out, in), as the file wants: no transpose), ``b`` = the sum of the biases present. A
+    single ``nn.Linear(d + d_x, d)`` applied to ``cat([h, x], -1)`` is given as ``lin_h`` with
+    ``lin_x=None`` and ``d``: ``W = weight[:, :d]``, ``U = weight[:, d:]``. Returns
+    ``(params, grads)``: ``grads`` holds ``W``, ``U``, ``b`` from the ``.grad`` that are set
+    (two biases have equal gradients; each one is ``grad_b``) and ``x`` from ``x.grad``.
+    Raises ``ValueError`` naming the module whose shape does not fit.
+    """
+    def weight(mod, name):
+        w = getattr(mod, "weight", None)
+        if w is None or len(getattr(w, "shape", ())) != 2:
+            raise ValueError(f"{name}: expected a torch.nn.Linear (a 2-d .weight), got "
+                             f"{type(mod).__name__}")
+        return w
+
+    grads: dict = {}
+    if lin_x is None:
+        w = weight(lin_h, "lin_h")
+        out, inp = w.shape
+        if d is None or not 0 < int(d) < inp or out != int(d):
+            raise ValueError(f"lin_h: a single Linear on cat([h, x]) needs d with weight "
+                             f"(d, d + d_x); weight is {tuple(w.shape)}, d = {d!r}")
+        d = int(d)
+        full = _host(w, "lin_h.weight")
+        params = {"W": full[:, :d], "U": full[:, d:]}
+        if w.grad is not None:
+            gw = _host(w.grad, "lin_h.weight.grad")
+            grads.update(W=gw[:, :d], U=gw[:, d:])
+        biases = [("lin_h", lin_h)]
+    else:
+        wh, wx = weight(lin_h, "lin_h"), weight(lin_x, "lin_x")
+        if wh.shape[0] != wh.shape[1]:
+            raise ValueError(f"lin_h: W maps h (d) to h (d), so its weight must be square; got "
+                             f"{tuple(wh.shape)}")
+        if wx.shape[0] != wh.shape[0]:
+            raise ValueError(f"lin_x: weight must be (d, d_x) = ({wh.shape[0]}, d_x) to add to "
+                             f"lin_h's output; got {tuple(wx.shape)}")
+        params = {"W": _host(wh, "lin_h.weight"), "U": _host(wx, "lin_x.weight")}
+        for key, w, name in (("W", wh, "lin_h"), ("U", wx, "lin_x")):
+            if w.grad is not None:
+                grads[key] = _host(w.grad, f"{name}.weight.grad")
+        biases = [("lin_h", lin_h), ("lin_x", lin_x)]
+    present = [(name, mod.bias) for name, mod in biases if getattr(mod, "bias", None) is not None]
+    params["b"] = (sum(_host(bias, f"{name}.bias") for name, bias in present) if present
+                   else np.zeros(params["W"].shape[0]))
+    with_grad = [(name, _host(bias.grad, f"{name}.bias.grad")) for name, bias in present
+                 if bias.grad is not None]
+    if with_grad:
+        if len(with_grad) == 2 and not np.allclose(with_grad[0][1], with_grad[1][1],
+                                                   rtol=1e-12, atol=0):
+            raise ValueError("lin_h.bias.grad and lin_x.bias.grad differ; both biases add to b, "
+                             "so their gradients must be equal (were they zeroed together?)")
+        grads["b"] = with_grad[0][1]
+    if x is not None and getattr(x, "grad", None) is not None:
+        grads["x"] = _host(x.grad, "x.grad")
+    return params, grads
+
+
+def jax_params(tree, *, W="W", U="U", b="b", layout: str = "out_in") -> dict:
+    """deqref's ``W``, ``U``, ``b`` from a JAX parameter dict (or its gradient, same structure).
+
+    ``W``, ``U``, ``b`` are the paths of the three leaves, keys joined by ``/`` for nested
+    dicts (``W="lin_h/kernel"``). ``layout="out_in"``: the model computes ``h @ W.T`` (the
+    file's layout, as ``torch.nn.Linear``); ``"in_out"``: it computes ``h @ K`` (a flax or
+    haiku ``Dense`` kernel), and the kernels are transposed here. Shapes are checked (W
+    square, U (d, d_x), b (d,)); a square W in the wrong layout has the right shape, so
+    ``write_crosscheck_file`` checks it against ``h_star``.
+    """
+    if layout not in ("out_in", "in_out"):
+        raise ValueError(f"layout must be 'out_in' (h @ W.T) or 'in_out' (h @ K), got {layout!r}")
+
+    def leaf(path, what):
+        node = tree
+        for part in str(path).split("/"):
+            if not isinstance(node, dict) or part not in node:
+                have = sorted(node) if isinstance(node, dict) else type(node).__name__
+                raise ValueError(f"{what}={path!r}: no key {part!r} in the parameter dict "
+                                 f"(keys: {have})")
+            node = node[part]
+        return _host(node, f"{what}={path!r}")
+
+    paths = {"W": W, "U": U, "b": b}
+    out = {key: leaf(path, key) for key, path in paths.items()}
+    for key in ("W", "U"):
+        if out[key].ndim != 2:
+            raise ValueError(f"{key}={paths[key]!r}: expected a 2-d array, got shape "
+                             f"{out[key].shape}")
+        if layout == "in_out":
+            out[key] = out[key].T.copy()
+    d = out["W"].shape[0]
+    if out["W"].shape != (d, d):
+        raise ValueError(f"W={W!r}: expected a square (d, d) array, got {out['W'].shape}")
+    if out["U"].shape[0] != d:
+        hint = " (is it an (in, out) kernel? pass layout='in_out')" if out["U"].shape[1] == d else ""
+        raise ValueError(f"U={U!r}: expected shape (d, d_x) = ({d}, d_x) in the "
+                         f"{layout} layout, got {out['U'].shape}{hint}")
+    if out["b"].shape != (d,):
+        raise ValueError(f"b={b!r}: expected shape ({d},), got {out['b'].shape}")
+    return out
+
+
+def _check_mapping(params: dict, activation: str, x: np.ndarray, h: np.ndarray,
+                   tol: float) -> None:
+    """``h`` (the user's fixed point) must be one of F with these arrays, to ``tol`` relative;
+    if it is one only with W (or U) transposed, say so."""
+    def resid(W, U):
+        with np.errstate(all="ignore"), use_backend("numpy"):
+            layer = Layer(W, U, params["b"], activation)
+            r = _residuals(layer, x, h)
+        return float(np.max(r / (1.0 + np.linalg.norm(h, axis=1))))
+
+    r = resid(params["W"], params["U"])
+    if r <= tol:
+        return
+    tries = {"W": (params["W"].T, params["U"])}
+    if params["U"].shape[0] == params["U"].shape[1]:
+        tries["U"] = (params["W"], params["U"].T)
+        tries["W and U"] = (params["W"].T, params["U"].T)
+    for which, (W, U) in tries.items():
+        if resid(W, U) <= tol:
+            raise ValueError(f"params: {which} looks transposed: h_star is a fixed point of "
+                             f"σ(W h + U x + b) only with {which} transposed (residual "
+                             f"{resid(W, U):.1e} vs {r:.1e}); the file wants the (out, in) "
+                             f"layout (jax_params(..., layout='in_out') transposes a kernel)")
+    raise ValueError(f"h_star: not a fixed point of F(h) = {activation}(W h + U x + b) with "
+                     f"these params (relative residual {r:.1e} > {tol:g}); check the mapping "
+                     f"of W, U, b, the activation and x")
+
+
+def crosscheck_arrays(params: dict, *, activation: str, x, grad_h, gradients: dict,
+                      h_star=None, h_eval=None, starts: dict | None = None, B_inv=None,
+                      numbers: dict | None = None, fixed_point_tol: float = 1e-3) -> dict:
+    """The arrays of a format-2 crosscheck file (``numpy.savez(path, **arrays)``).
+
+    ``params``: ``{"W", "U", "b"}`` (``torch_params``, ``jax_params``); ``gradients``:
+    estimator name → ``{"W", "U", "b", "x"}`` (any subset), the estimates A g of your
+    implementation; ``starts``: estimator name → ``"h_star"``, ``"h_eval"`` or ``"zeros"``
+    (default: h_star, BPTT zeros); ``numbers``: estimator name → ``{"lam": ...}`` to keep λ to
+    full precision. Arrays may be NumPy, PyTorch or JAX. With ``h_star`` the mapping is
+    checked: h_star must be a fixed point of F to ``fixed_point_tol`` relative, and a W that is
+    one only when transposed is named. Raises ``ValueError`` naming the argument.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    missing = {"W", "U", "b"} - set(params)
+    if missing:
+        raise ValueError(f"params: missing {sorted(missing)}; expected the keys W, U, b")
+    P = {k: _host(params[k], f"params[{k!r}]") for k in ("W", "U", "b")}
+    d, d_x = P["U"].shape if P["U"].ndim == 2 else (None, None)
+    if P["W"].shape != (d, d) or P["b"].shape != (d,):
+        raise ValueError(f"params: expected W (d, d), U (d, d_x), b (d,); got W {P['W'].shape}, "
+                         f"U {P['U'].shape}, b {P['b'].shape}")
+    X = _host(x, "x")
+    if X.ndim != 2 or X.shape[1] != d_x:
+        raise ValueError(f"x: expected shape (n, {d_x}), got {X.shape}")
+    n = X.shape[0]
+    out = {**file_conventions(gdeq="gdeq" in gradients), "activation": np.array(activation),
+           **P, "x": X}
+    for key, a in (("grad_h", grad_h), ("h_star", h_star), ("h_eval", h_eval)):
+        if a is not None:
+            out[key] = _host(a, key)
+            if out[key].shape != (n, d):
+                raise ValueError(f"{key}: expected shape ({n}, {d}), got {out[key].shape}")
+    if "grad_h" not in out:
+        raise ValueError("grad_h: required (the upstream gradient g, shape (n, d))")
+    if h_star is not None:
+        _check_mapping(P, activation, X, out["h_star"], fixed_point_tol)
+    if not gradients:
+        raise ValueError("gradients: give at least one estimator, e.g. {'implicit': grads}")
+    shapes = {"W": (d, d), "U": (d, d_x), "b": (d,), "x": (n, d_x)}
+    starts, numbers = dict(starts or {}), dict(numbers or {})
+    for name in set(starts) | set(numbers):
+        if name not in gradients:
+            raise ValueError(f"starts/numbers: {name!r} is not in gradients")
+    for name, grads in gradients.items():
+        try:
+            out.update(conventions(name, starts.get(name), **numbers.get(name, {})))
+        except CrosscheckError as e:
+            raise ValueError(f"gradients: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"starts/numbers for {name!r}: {e}") from None
+        if str(out[f"{name}__start"]) == "h_eval" and h_eval is None:
+            raise ValueError(f"h_eval: required, {name!r} starts there")
+        unknown = set(grads) - set(shapes)
+        if unknown or not grads:
+            raise ValueError(f"gradients[{name!r}]: expected keys among W, U, b, x; got "
+                             f"{sorted(grads)}")
+        for p, a in grads.items():
+            arr = _host(a, f"gradients[{name!r}][{p!r}]")
+            if arr.shape != shapes[p]:
+                raise ValueError(f"gradients[{name!r}][{p!r}]: expected shape {shapes[p]}, got "
+                                 f"{arr.shape}" + (" (transposed?)" if arr.shape[::-1] == shapes[p] else ""))
+            out[f"{name}__grad_{p}"] = arr
+    if "gdeq" in gradients:
+        if B_inv is None:
+            raise ValueError("B_inv: required with gdeq, shape (n, d, d), the standard layout")
+        out["gdeq__B_inv"] = _host(B_inv, "B_inv")
+        if out["gdeq__B_inv"].shape != (n, d, d):
+            raise ValueError(f"B_inv: expected shape ({n}, {d}, {d}), got {out['gdeq__B_inv'].shape}")
+    return out
+
+
+def write_crosscheck_file(path, params: dict, **kwargs) -> Path:
+    """``crosscheck_arrays(params, **kwargs)`` saved to ``path`` (an npz file); returns it."""
+    path = Path(path)
+    np.savez(path, **crosscheck_arrays(params, **kwargs))
+    return path
+
+
 # ------------------------------------------------------------------ golden files
 # (activation, d, d_x, n, seed): several activations, d ≤ 32, batch ≤ 4.
 GOLDEN_CASES = (("tanh", 8, 5, 3, 101), ("relu", 16, 6, 4, 102), ("softplus", 32, 4, 2, 103))

@@ -367,3 +367,45 @@ def test_torch_reproduces_the_format_2_golden_files(golden_files):
             worst[(path.name, name)] = max(errs.values())
             assert max(errs.values()) <= RTOL_SAME, (path.name, name, errs)
     assert len(worst) == 30
+
+
+# ------------------------------------------------------------------ the export helpers
+def test_torch_export_helpers_write_a_file_that_agrees(tmp_path, capsys):
+    """torch_params + write_crosscheck_file: UPG from an inexact h_eval with two nn.Linear,
+    JFB at h* with one nn.Linear on cat([h, x]); both files agree with deqref to 1e-12."""
+    from deqref.crosscheck import torch_params, write_crosscheck_file
+    layer, x, g = setup("tanh", seed=8)
+    tl = TorchLayer(layer, x)
+    with torch.no_grad():
+        h_eval = torch.zeros(N, D, dtype=torch.float64)
+        for _ in range(3):                             # an inexact point: 3 plain steps
+            h_eval = tl(h_eval)
+    h = h_eval
+    for _ in range(4):                                 # UPG k = 4, λ = 0.6 from h_eval
+        h = 0.6 * tl(h) + 0.4 * h
+    h.backward(torch.from_numpy(g))
+    params, grads = torch_params(tl.lin_h, tl.lin_x, x=tl.x)
+    assert set(grads) == {"W", "U", "b", "x"}
+    path = write_crosscheck_file(tmp_path / "mine.npz", params, activation="tanh", x=x, grad_h=g,
+                                 h_eval=h_eval, gradients={"upg_k4_lam0.6": grads},
+                                 starts={"upg_k4_lam0.6": "h_eval"})
+    assert crosscheck_file(path, tol=RTOL_SAME) == 0
+    # the same layer as one Linear(d + d_x, d) on cat([h, x]): W and U are its two blocks
+    cat = torch.nn.Linear(D + D_X, D, dtype=torch.float64)
+    with torch.no_grad():
+        cat.weight.copy_(torch.cat([tl.lin_h.weight, tl.lin_x.weight], 1))
+        cat.bias.copy_(tl.lin_x.bias)
+    h_star = torch.from_numpy(np.asarray(solve_tight(layer, x).h))
+    tl.x.grad = None
+    torch.tanh(cat(torch.cat([h_star, tl.x], 1))).backward(torch.from_numpy(g))   # JFB at h*
+    params, grads = torch_params(cat, d=D, x=tl.x)
+    path = write_crosscheck_file(tmp_path / "cat.npz", params, activation="tanh", x=x, grad_h=g,
+                                 h_star=h_star, gradients={"jfb": grads})
+    assert crosscheck_file(path, tol=RTOL_SAME) == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="lin_x: weight must be"):
+        torch_params(tl.lin_h, torch.nn.Linear(D_X, D + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lin_h: W maps h"):
+        torch_params(tl.lin_x, tl.lin_x)
+    with pytest.raises(ValueError, match=r"lin_h: a single Linear on cat\(\[h, x\]\) needs d"):
+        torch_params(cat)
