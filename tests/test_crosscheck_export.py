@@ -4,6 +4,9 @@ write_crosscheck_file) on NumPy arrays: a file they write is a valid format-2 fi
 no deqref code), and a wrong mapping (a transposed or misshapen array, a missing key) is a
 ``ValueError`` naming the argument. PyTorch and JAX use: test_torch_crosscheck.py,
 test_jax_crosscheck.py."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -89,3 +92,44 @@ def test_crosscheck_arrays_errors_name_the_argument(model, edit, message):
     with pytest.raises(ValueError) as err:
         crosscheck_arrays(args.pop("params"), **args)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------ docs/crosscheck.md
+DOC = Path(__file__).resolve().parent.parent / "docs" / "crosscheck.md"
+
+
+def doc_examples():
+    """(python block, the `$ deqref crosscheck FILE` output block after it) from the page."""
+    text = DOC.read_text(encoding="utf-8")
+    blocks = re.findall(r"```(python|)\n(.*?)```", text, flags=re.S)
+    pairs = []
+    for (lang, code), (_, shown) in zip(blocks, blocks[1:]):
+        if lang == "python" and shown.startswith("$ deqref crosscheck"):
+            pairs.append((code, shown))
+    return pairs
+
+
+def test_the_page_has_a_pytorch_and_a_jax_example():
+    codes = [code for code, _ in doc_examples()]
+    assert len(codes) == 2 and "import torch" in codes[0] and "import jax" in codes[1]
+
+
+@pytest.mark.parametrize("index, library", [(0, "torch"), (1, "jax")])
+def test_the_worked_examples_run_and_agree(index, library, tmp_path, monkeypatch, capsys):
+    """Each worked example of docs/crosscheck.md, run as printed: it writes its file, and
+    deqref crosscheck prints the estimator rows and the verdict the page shows."""
+    pytest.importorskip(library, reason=f"{library} not installed")
+    code, shown = doc_examples()[index]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"docs/crosscheck.md example {index}", "exec"), {})
+    path = shown.splitlines()[0].split()[-1]
+    assert main(["crosscheck", path]) == 0
+    out = capsys.readouterr().out
+    rows = lambda text: [ln.split()[:2] for ln in text.splitlines() if ln.endswith(" ok")]  # noqa: E731
+    assert rows(out) == rows(shown) and len(rows(out)) == 4
+    assert out.splitlines()[-1].startswith("VERDICT: AGREE")
+    assert out.splitlines()[-1].split("(")[0] == shown.splitlines()[-1].split("(")[0]
+    # the residual line the page shows: to the digits printed where it is not rounding noise
+    line = next(ln for ln in shown.splitlines() if "max residual" in ln)
+    value = float(re.search(r"= ([0-9.e+-]+)", line).group(1))
+    assert (line if value > 1e-10 else line.split("=")[0]) in out
