@@ -62,6 +62,11 @@ numbers and strings (the full table, with examples, is in ``docs/crosscheck.md``
   estimator is evaluated at, or its unroll starts from) and ``<name>__loss_at`` (the state
   ``g`` is ∂L/∂ of: ``"h_k"`` for UPG, ``"h_T"`` for BPTT, the start otherwise).
 
+Writing a file: ``torch_params`` (``nn.Linear`` modules) or ``jax_params`` (a parameter dict,
+either layout) map a model onto ``W``, ``U``, ``b``; ``write_crosscheck_file`` adds the
+conventions, checks shapes and, given ``h_star``, that it is a fixed point of the mapped layer
+(so a transposed W is named). Worked examples: ``docs/crosscheck.md``.
+
 Where an estimator may start: ``implicit`` and ``gdeq`` at ``h_star`` (deqref's own tight
 h*); ``jfb``, ``npg`` and ``upg`` at ``h_star`` or ``h_eval`` (the file's array, as given);
 ``bptt`` at ``zeros``. A format-2 key in a format-1 file, a missing one in a format-2 file,
