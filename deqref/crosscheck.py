@@ -458,7 +458,7 @@ def file_conventions(*, gdeq: bool = False) -> dict:
     return out
 
 
-# ------------------------------------------------------------------ export helpers
+# ------------------------------------------------------------------ exporting a model to a file
 def _host(a, what: str) -> np.ndarray:
     """A PyTorch tensor, JAX or NumPy array as a float64 NumPy array (copied to the host)."""
     if hasattr(a, "detach"):                       # torch.Tensor

@@ -1,4 +1,4 @@
-"""The export helpers of deqref.crosscheck (jax_params, crosscheck_arrays,
+"""The export functions of deqref.crosscheck (jax_params, crosscheck_arrays,
 write_crosscheck_file) on NumPy arrays: a file they write is a valid format-2 file that
 ``deqref crosscheck`` agrees with when its gradients are right (computed here by plain NumPy,
 no deqref code), and a wrong mapping (a transposed or misshapen array, a missing key) is a

@@ -369,8 +369,8 @@ def test_torch_reproduces_the_format_2_golden_files(golden_files):
     assert len(worst) == 30
 
 
-# ------------------------------------------------------------------ the export helpers
-def test_torch_export_helpers_write_a_file_that_agrees(tmp_path, capsys):
+# ------------------------------------------------------------------ the export functions
+def test_torch_export_functions_write_a_file_that_agrees(tmp_path, capsys):
     """torch_params + write_crosscheck_file: UPG from an inexact h_eval with two nn.Linear,
     JFB at h* with one nn.Linear on cat([h, x]); both files agree with deqref to 1e-12."""
     from deqref.crosscheck import torch_params, write_crosscheck_file
