@@ -4,7 +4,7 @@ A batch holds n samples as rows: ``h`` is (n, d), ``x`` is (n, d_x); per row,
 ``F(h, x) = σ(W h + U x + b)``, i.e. ``σ(h Wᵀ + x Uᵀ + b)`` for the batch
 (the ``torch.nn.Linear`` (out, in) convention for W and U).
 
-Jacobian layouts (see DESIGN.md). With ``s = σ'(a)``, ``a = W h + U x + b``:
+Jacobian layouts (see docs/conventions.md). With ``s = σ'(a)``, ``a = W h + U x + b``:
 
 - standard (numerator) layout, per sample: ``J_h[i, j] = ∂F_i/∂h_j = s_i W[i, j]``;
 - the paper's layout (denominator), used by every ``dF_d*`` method here:
