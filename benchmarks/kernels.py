@@ -1,13 +1,16 @@
-"""Do the verdicts depend on the floating-point kernel? Run ``deqref reproduce`` once per OpenBLAS
-kernel and compare the claims.json files.
+"""Do the verdicts depend on the floating-point kernel? Run ``deqref reproduce`` once per kernel
+and compare the claims.json files with the first run's.
 
-    python benchmarks/kernels.py [--kernels Haswell Sandybridge] [--out DIR] [-- reproduce options]
+    python benchmarks/kernels.py [--kernels Haswell Sandybridge Haswell+noavx512] [--out DIR]
+                                 [-- reproduce options]
 
 Each run is a separate process with ``OPENBLAS_CORETYPE`` set (OpenBLAS picks its kernel at load
-time); the two kernels round differently in the last bit (Sandybridge has no FMA). The runs are
-sequential, so that their timings are comparable. Writes DIR/<kernel>/ (the figures and JSON)
-and DIR/kernels.json: per claim the two verdicts and the largest relative difference of its
-numbers (measured and interval), and the counts. Exit status 1 if any verdict differs.
+time); the kernels round differently in the last bit (Sandybridge has no FMA). A name ending in
+"+noavx512" also switches off NumPy's AVX-512 loops (``NPY_DISABLE_CPU_FEATURES``), as on a CPU
+without AVX-512. The runs are sequential, so that their timings are comparable. Writes
+DIR/<kernel>/ (the figures and JSON) and DIR/kernels.json: per claim every run's verdict and the
+largest relative difference of its numbers (measured and interval) from the first run's, and the
+counts. Exit status 1 if any verdict differs.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+NO_AVX512 = "X86_V4 AVX512_ICL AVX512_SPR"     # NumPy 2.x's AVX-512 dispatch targets
 
 
 def numbers(row: dict) -> list:
@@ -34,7 +40,7 @@ def rel_diff(a: list, b: list) -> float | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", nargs=2, default=["Haswell", "Sandybridge"])
+    p.add_argument("--kernels", nargs="+", default=["Haswell", "Sandybridge", "Haswell+noavx512"])
     p.add_argument("--out", type=Path, default=Path("kernels-out"))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to deqref reproduce (after --)")
     a = p.parse_args(argv)
@@ -42,21 +48,27 @@ def main(argv=None) -> int:
     docs, wall = {}, {}
     for kernel in a.kernels:
         out = a.out / kernel
-        env = dict(os.environ, OPENBLAS_CORETYPE=kernel)
+        env = dict(os.environ, OPENBLAS_CORETYPE=kernel.split("+")[0])
+        if kernel.endswith("+noavx512"):
+            env["NPY_DISABLE_CPU_FEATURES"] = NO_AVX512
         t0 = time.perf_counter()
         cmd = [sys.executable, "-c", "import sys; from deqref.cli import main; sys.exit(main(sys.argv[1:]))",
                "reproduce", "--out", str(out), *extra]
         subprocess.run(cmd, env=env, check=True)
         wall[kernel] = time.perf_counter() - t0
         docs[kernel] = json.loads((out / "claims.json").read_text())
-    k1, k2 = a.kernels
+    first, others = a.kernels[0], a.kernels[1:]
     rows = []
-    for r1, r2 in zip(docs[k1]["claims"], docs[k2]["claims"]):
-        if r1["id"] != r2["id"]:
-            raise SystemExit(f"the two runs hold different claims: {r1['id']} / {r2['id']}")
-        rows.append({"id": r1["id"], k1: r1["verdict"], k2: r2["verdict"],
-                     "same_verdict": r1["verdict"] == r2["verdict"],
-                     "max_rel_diff": rel_diff(numbers(r1), numbers(r2))})
+    for i, r1 in enumerate(docs[first]["claims"]):
+        row = {"id": r1["id"], first: r1["verdict"]}
+        for k in others:
+            r2 = docs[k]["claims"][i]
+            if r2["id"] != r1["id"]:
+                raise SystemExit(f"the runs hold different claims: {r1['id']} / {r2['id']}")
+            row[k] = r2["verdict"]
+            row[f"max_rel_diff_{k}"] = rel_diff(numbers(r1), numbers(r2))
+        row["same_verdict"] = all(row[k] == r1["verdict"] for k in others)
+        rows.append(row)
     same = sum(r["same_verdict"] for r in rows)
     result = {"kernels": a.kernels, "reproduce_options": extra, "wall_s": wall,
               "kernels_seen": {k: docs[k]["setting"].get("kernels") for k in a.kernels},
@@ -64,9 +76,10 @@ def main(argv=None) -> int:
               "rows": rows}
     (a.out / "kernels.json").write_text(json.dumps(result, indent=1))
     for r in rows:
-        d = "—" if r["max_rel_diff"] is None else f"{r['max_rel_diff']:.1e}"
-        print(f"{r['id']:38s} {r[k1]:15s} {r[k2]:15s} {d:>8s}")
-    print(f"{same} of {len(rows)} verdicts agree between {k1} and {k2}; wall {wall}")
+        diffs = " ".join("—" if r[f"max_rel_diff_{k}"] is None else f"{r[f'max_rel_diff_{k}']:.1e}"
+                         for k in others)
+        print(f"{r['id']:38s} " + " ".join(f"{r[k]:15s}" for k in a.kernels) + f" {diffs}")
+    print(f"{same} of {len(rows)} claims have the same verdict under {', '.join(a.kernels)}; wall {wall}")
     return 0 if same == len(rows) else 1
 
 

@@ -43,11 +43,11 @@ deqref's run, the same for every batch size (only the batch size changes):
   below 1e-3 — both end with every sample's change below 1e-3;
 - backward: JFB (``estimate("jfb")``: ∂F/∂θ at h*, the one tracked application of F);
 - optimizer: Adam, lr 1e-3 (the report's), mini-batches reshuffled every epoch (seeded);
-- epochs: 40 (default), 3 (quick), and in full mode up to the report's 3,000, each run
+- epochs: 10 (default), 3 (quick), and in full mode up to the report's 3,000, each run
   stopping after the first epoch whose training loss is at or below ``TARGET_LOSS`` = 5e-4
   (``TrainConfig.stop_loss``). The default is **short** because it measures only the cost per
   epoch of each batch size relative to full batch (the report's 4.1x and 5.1x for 64 and 32):
-  40 epochs time every batch size over the same epochs, and no run reaches 5e-4 in them. The
+  10 epochs time every batch size over the same epochs, and no run reaches 5e-4 in them. The
   time-to-loss claim (who reaches 5e-4, at which epoch, after how many seconds) needs ``--full``;
 - one seed (the report shows one run); the same initialization for every batch size;
 - time: the trainer's per-epoch forward + backward + update (evaluation excluded), NumPy
@@ -77,7 +77,7 @@ from ..data import heat_transfer
 from ..train import DEQModel, TrainConfig, train
 from .machine import blas_threads, machine, one_blas_thread
 
-MODES = {"quick": dict(epochs=3), "default": dict(epochs=40), "full": dict(epochs=3000)}
+MODES = {"quick": dict(epochs=3), "default": dict(epochs=10), "full": dict(epochs=3000)}
 BATCH_SIZES = (2400, 1200, 600, 64, 32)      # 2400 = the whole training split: full batch
 D, ACTIVATION, L_H_INIT, LR = 3, "relu", 0.8, 1e-3
 SOLVER_OPTIONS = {"tol": 0.0, "atol": 1e-3, "norm": "inf", "max_iter": 1000}

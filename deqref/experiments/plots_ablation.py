@@ -101,7 +101,7 @@ def plot_ablation(data: dict, path: Path) -> None:
 
     f = s["forward"]
     _caption(fig, f"Fig. 3 of Geng et al. at teaching scale. Digits (scikit-learn 8×8; {s['n_train']} train / "
-             f"{s['n_val']} validation), DEQ d = {s['d']}, tanh, ‖W‖₂ = {s['L_h_init']} at init, linear head, "
+             f"{s['n_val']} validation), DEQ d = {s['d']}, tanh, ‖W‖₂ ≤ {s.get('spectral_norm') or s['L_h_init']} (projected after every update), linear head, "
              f"cross-entropy; Adam lr {s['lr']:g}, batch {s['batch_size']}, {s['epochs']} epochs; seeds "
              f"{s['seeds']} (mean ± std, ddof = 1); accuracy after the last epoch. Forward for all: Broyden "
              f"(memory {f['m']}) to rel. residual {f['tol']:g}, ≤ {f['max_iter']} iterations; UPG takes its loss "

@@ -97,7 +97,7 @@ def plot_dynamic_precision(data: dict, path: Path) -> None:
                  "implicit gradient", fontsize=11)
     ft, fl = s["forwards"]["tight"], s["forwards"]["inexact"]
     _caption(fig, f"Digits (scikit-learn 8×8; {s['n_train']} train / {s['n_val']} validation), DEQ d = {s['d']}, tanh, "
-             f"‖W‖₂ = {s['L_h_init']} at init, linear head, cross-entropy; trained with implicit differentiation "
+             f"‖W‖₂ ≤ {s.get('spectral_norm') or s['L_h_init']} (projected after every update), linear head, cross-entropy; trained with implicit differentiation "
              f"(adjoint by {s['train_estimator']['n_iter']} Broyden iterations), Adam lr {s['lr']:g}, batch "
              f"{s['batch_size']}, {s['epochs']} epochs ({tight['steps_per_epoch']} steps each), {_seed_text(s)}. "
              f"Forward: Broyden (memory {ft['m']}) to rel. residual {ft['tol']:g}, ≤ {ft['max_iter']} iterations "
@@ -166,7 +166,7 @@ def plot_gdeq_precision(data: dict, path: Path) -> None:
                  "full and limited Broyden memory", fontsize=11)
     f = s["forward"]
     _caption(fig, f"Digits (scikit-learn 8×8; {s['n_train']} train / {s['n_val']} validation), DEQ d = {s['d']}, tanh, "
-             f"‖W‖₂ = {s['L_h_init']} at init, linear head, cross-entropy; trained with GDEQ (the run marked implicit-trained: "
+             f"‖W‖₂ ≤ {s.get('spectral_norm') or s['L_h_init']} (projected after every update), linear head, cross-entropy; trained with GDEQ (the run marked implicit-trained: "
              f"with the adjoint by {s['implicit_iterative']['n_iter']} Broyden iterations), Adam lr {s['lr']:g}, "
              f"batch {s['batch_size']}, {s['epochs']} epochs, {_seed_text(s)}; one run per line, same "
              f"initialization. Forward: Broyden to rel. residual {f['tol']:g}, ≤ {f['max_iter']} iterations, keeping "

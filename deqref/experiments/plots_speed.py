@@ -84,7 +84,7 @@ def plot_accuracy_speed(data: dict, path: Path) -> None:
     ax_tab.set_title("Table 3 of Geng et al. [1] / Table 2 of GDEQ [2], at teaching scale", fontsize=10)
     f = s["forward"]
     _caption(fig, f"Digits (scikit-learn 8×8; {s['n_train']} train / {s['n_val']} validation), DEQ d = {s['d']}, "
-             f"tanh, ‖W‖₂ = {s['L_h_init']} at init, linear head, cross-entropy; Adam lr {s['lr']:g}, batch "
+             f"tanh, ‖W‖₂ ≤ {s.get('spectral_norm') or s['L_h_init']} (projected after every update), linear head, cross-entropy; Adam lr {s['lr']:g}, batch "
              f"{s['batch_size']}, {s['epochs']} epochs; seeds {s['seeds']} (line: mean, band: min–max); accuracy "
              f"after the last epoch. Forward for all: Broyden (memory {f['m']}) to rel. residual {f['tol']:g}, "
              f"≤ {f['max_iter']} iterations. Implicit: adjoint by {s['implicit_backward_iters']} Broyden "
