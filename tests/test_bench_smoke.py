@@ -1,6 +1,6 @@
 """Smoke test of ``deqref bench --quick`` (tiny sizes, a few seconds): the benchmark must run end
 to end, write its JSON and Markdown, and every timed deqref call must agree with the independent
-bare-NumPy version it is compared with (``deqref/benchmarks_bare.py`` shares no code with the
+bare-NumPy version it is compared with (``deqref/bench/bare.py`` shares no code with the
 estimators) and, when torch is installed, with TorchDEQ. No timing is asserted: CI machines are
 noisy and these are benchmarks, not timed tests.
 """

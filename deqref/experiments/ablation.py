@@ -50,11 +50,11 @@ References
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from ..data import digits
 from ..train import TrainConfig
@@ -167,12 +167,9 @@ def pooled(rows: list) -> dict:
 
 
 def sign_test(a: int, b: int) -> float:
-    """Two-sided sign test: P(a split at least this uneven | each side 1/2), ties left out."""
-    n = a + b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    """Two-sided sign test: P(a split at least this uneven | each side 1/2), ties left out
+    (``scipy.stats.binomtest``; 1 when there is nothing to test)."""
+    return float(stats.binomtest(a, a + b).pvalue) if a + b else 1.0
 
 
 def noise_floor(rows: list) -> dict | None:

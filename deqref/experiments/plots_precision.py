@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 
 from .plots import _caption, plt
-from .gdeq_precision import run_label
 from .plots_speed import _where
 
 UPG_NPG = {"upg": ("tab:red", "UPG"), "npg": ("tab:orange", "NPG")}
@@ -116,6 +115,7 @@ def plot_gdeq_precision(data: dict, path: Path) -> None:
     """Fig. 2 of GDEQ: cos(GDEQ, implicit) per epoch for full and limited memory, JFB for scale;
     how closely the iterative implicit gradient matches the dense oracle; accuracy and forward
     convergence of each run."""
+    from .gdeq_precision import run_label   # on use: at the top it would close a cycle through dynamic_precision
     s, runs = data["setting"], data["runs"]
     fig, axes = plt.subplots(2, 2, figsize=(12.5, 9.4))
     (ax_a, ax_b), (ax_c, ax_d) = axes

@@ -14,7 +14,7 @@ a linear head to q = 10 outputs and the mean squared error. A *training step* is
 1. ``cost``: backward time and tracemalloc peak of UPG, NPG (k = 5, λ = 0.5), JFB, GDEQ, BPTT
    relative to ``implicit`` (20 Broyden backward iterations, memory 30), and the whole step.
    Forward: 30 Broyden iterations (tol 0), except BPTT: 30 fixed-point iterations, stored.
-2. ``efficiency``: bare array calls (``benchmarks_bare``) / deqref, per solver and estimator.
+2. ``efficiency``: bare array calls (``deqref.bench.bare``) / deqref, per solver and estimator.
 3. ``torch``: deqref / TorchDEQ time per training step, forward 30 fixed-point iterations,
    UPG (k = 5, λ = 0.5) and implicit (20 fixed-point backward iterations), float64 / float32.
 4. ``gpu``: when CuPy sees a GPU: section 1 and 2 on CuPy, CuPy vs NumPy at d = 2048,
@@ -27,13 +27,11 @@ run (``run`` below); the estimators' values and costs are what is measured, not 
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 import tracemalloc
 import warnings
@@ -41,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import benchmarks_bare as bare
-from .backend import Backend, _load, to_numpy
-from .experiments.machine import blas_libraries, limit_blas_threads
-from .gradients import estimate, output
-from .heads import LinearHead, mse
-from .layers import Layer
-from .solvers import ConvergenceWarning, solve
+from ..backend import Backend, _load, to_numpy
+from ..experiments.machine import blas_libraries, limit_blas_threads
+from ..gradients import estimate, output
+from ..heads import LinearHead, mse
+from ..layers import Layer
+from ..solvers import ConvergenceWarning, solve
+from . import bare
 
 K, LAM = 5, 0.5                 # UPG / NPG: A_{5, 0.5}
 N_IMPLICIT = 20                 # backward iterations of the implicit baseline
@@ -254,7 +252,7 @@ def efficiency(be: Backend, sizes: dict, repeats: int) -> list:
 
 # ------------------------------------------------------------------ 3. against TorchDEQ
 def against_torch(be: Backend, sizes: dict, repeats: int, device: str = "cpu") -> list:
-    from .benchmarks_torch import TorchStep
+    from .torch_step import TorchStep
     sync, rows = _sync(be), []
     for dtype in ("float64", "float32"):
         for d in sizes["torch_d"]:
@@ -396,7 +394,7 @@ def markdown(data: dict) -> str:
 
     def eff_table(rows, title):
         L.extend([f"## {title}", "",
-                  "Time of the bare array calls the algorithm cannot avoid (`deqref/benchmarks_bare.py`) "
+                  "Time of the bare array calls the algorithm cannot avoid (`deqref/bench/bare.py`) "
                   "divided by deqref's time for the same work; target ≥ 0.8 at d ≥ 512, n ≥ 256. "
                   "rel. diff: deqref's result against the bare one.", "",
                   "| d | n | case | deqref ms | bare ms | efficiency | target ≥ 0.8 | rel. diff |",
@@ -486,7 +484,7 @@ def _run(quick: bool, log) -> dict:
         data["cost"] = cost(cpu, sizes, reps)
         log("bench: 2. efficiency against the bare array calls (NumPy)")
         data["efficiency"] = efficiency(cpu, sizes, reps)
-        from .benchmarks_torch import available
+        from .torch_step import available
         why = available()
         log("bench: 3. deqref against TorchDEQ (CPU)" + (f": skipped, {why}" if why else ""))
         data["torch"] = against_torch(cpu, sizes, reps) if why is None else f"torch/torchdeq: {why}"
@@ -524,10 +522,3 @@ def main(out: Path, quick: bool = False) -> int:
     print(f"deqref bench: {data['total_s']:.1f} s, written to {out}/bench.json and bench.md")
     return 0
 
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m deqref.bench")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results")
-    a = ap.parse_args()
-    sys.exit(main(Path(a.out), a.quick))
