@@ -33,3 +33,21 @@ def test_quick_start_runs_and_prints_its_comments():
         assert line in printed, f"README promises {line!r}; the block printed {printed}"
     assert printed[0].startswith("broyden_lowrank: 32/32 converged")
     assert printed[-1] == "True ()"
+
+
+def test_claims_table_is_the_committed_claims_json():
+    """The README's claims table is generated from figures/claims.json (and figures/full/ for
+    the rows only ``--full`` measures): a hand edit of either side fails here. Every committed
+    row's verdict is its rule's."""
+    import json
+
+    from deqref import claims as C
+    figures = README.parent / "figures"
+    default = json.loads((figures / "claims.json").read_text(encoding="utf-8"))
+    full_path = figures / "full" / "claims.json"
+    full = json.loads(full_path.read_text(encoding="utf-8")) if full_path.exists() else None
+    for row in default["claims"] + (full or {}).get("claims", []):
+        C.check_row(row)
+    text = README.read_text(encoding="utf-8")
+    table = text.split(C.BEGIN, 1)[1].split(C.END, 1)[0].strip()
+    assert table == C.table(C.merged_rows(default, full))
