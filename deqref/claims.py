@@ -247,7 +247,10 @@ def deqref_cell(row: dict) -> str:
 
 
 def table(rows: list) -> str:
-    """The Markdown table of claims: id, claim, paper, deqref (95 % interval, n), verdict."""
+    """The Markdown table of claims: id, claim, paper, deqref (95 % interval, n), verdict.
+
+    A Markdown table is one join per row; a table library (tabulate) would add a dependency and
+    no clarity."""
     lines = ["| claim | source | paper | deqref [95 % interval] | verdict |", "|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r['claim']} (`{r['id']}`)", r["source"], _fmt(r["paper"]), deqref_cell(r),

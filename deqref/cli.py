@@ -195,23 +195,45 @@ def _parser() -> _Parser:
     p.add_argument("-V", "--version", action="version", version=f"deqref {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="{" + ",".join(COMMANDS) + "}")
     sub.add_parser("list", help="name the experiments")
-    rp = sub.add_parser("reproduce", help="run experiments, write figures and data, print a summary")
+    rp = sub.add_parser(
+        "reproduce", help="run experiments, write figures and data, print a summary",
+        description="Run the experiments (default: all nine, in the order of `deqref list`). Each writes "
+                    "its figure (PNG) and its record (JSON) into --out; claims.json gets one row per claim "
+                    "of the source documents with its computed verdict. Prints each experiment's summary, "
+                    "a progress bar per training run on a terminal, and the verdict table. Duration: about "
+                    "2 minutes on a 2-core machine in the default mode (up to 5 on a slow one), seconds "
+                    "with --quick; --full runs the papers' settings where feasible and takes far longer "
+                    "(jfb_batch alone, the JFB report's 3,000 epochs: about 5 minutes).")
     rp.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all)")
-    rp.add_argument("--out", default="figures", help="output folder (default: figures/)")
+    rp.add_argument("--out", default="figures", help="output folder, created if needed (default: figures/)")
     rp.add_argument("--seed", type=int, default=0,
                     help=f"base seed, an integer in [0, {SEED_MAX}] (default 0)")
     size = rp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     size.add_argument("--full", action="store_true", help="the papers' settings where feasible")
-    gp = sub.add_parser("golden", help="write golden reference files for other frameworks")
+    gp = sub.add_parser(
+        "golden", help="write golden reference files for other frameworks",
+        description="Write the golden files (tanh, relu and softplus layers; float64 .npz, format 2, "
+                    "every convention inside the file) into --out, in about a second. "
+                    "See docs/crosscheck.md.")
     gp.add_argument("--out", required=True, help="output folder (created if needed)")
-    cp = sub.add_parser("crosscheck", help="check another implementation's gradients in an npz file")
-    cp.add_argument("file", help="an npz file in the golden format (see README)")
+    cp = sub.add_parser(
+        "crosscheck", help="check another implementation's gradients in an npz file",
+        description="Recompute the gradients in FILE with deqref and compare them, in about a second. "
+                    "Exit 0: all agree within --tol; 1: some relative error above --tol (each named); "
+                    "2: no verdict (a file deqref refuses, named in one line). Reads golden formats 1 "
+                    "and 2; docs/crosscheck.md describes them and how to choose --tol.")
+    cp.add_argument("file", help="an .npz file in the golden format (docs/crosscheck.md)")
     cp.add_argument("--tol", type=float, default=1e-8,
                     help="max relative error, a finite number > 0 (default 1e-8)")
-    bp = sub.add_parser("bench", help="run the benchmarks, write JSON and a Markdown table")
+    bp = sub.add_parser(
+        "bench", help="run the benchmarks, write JSON and a Markdown table",
+        description="Run the benchmarks (deqref/bench/): each estimator's cost against implicit "
+                    "differentiation, deqref against the bare array calls, and against TorchDEQ when "
+                    "torch and torchdeq import. Writes bench.json and bench.md into --out and prints the "
+                    "tables. About 105 s on a 2-core machine; --quick about 3 s.")
     bp.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    bp.add_argument("--out", default="benchmarks/results", help="output folder")
+    bp.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results/)")
     return p
 
 

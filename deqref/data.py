@@ -83,7 +83,11 @@ def check_val_fraction(val_fraction, n: int) -> tuple:
 
 
 def _split(x, y, seed, n_val, shuffle_seed_offset=1000):
-    """A seeded permutation; the first n_val samples are the validation split."""
+    """A seeded permutation; the first n_val samples are the validation split.
+
+    Written out rather than ``sklearn.model_selection.train_test_split`` (which would do the same
+    in one call) because these draws are the ones every committed figure and claim was made
+    with: another generator would move every trained number."""
     n = x.shape[0]
     perm = np.random.default_rng(seed + shuffle_seed_offset).permutation(n)
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]

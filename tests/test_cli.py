@@ -21,3 +21,24 @@ def test_reproduce_quick_writes_files(tmp_path, capsys):
 def test_unknown_experiment_is_an_error(capsys):
     assert main(["reproduce", "figure99"]) == 2
     assert "unknown experiment 'figure99'; valid: solver_traces" in capsys.readouterr().err
+
+
+def test_help_says_outputs_duration_and_defaults(capsys):
+    """Every subcommand's --help says what it writes or answers, how long it takes, and the
+    default of every option that has one."""
+    import re
+    from deqref.cli import COMMANDS
+    for cmd in COMMANDS:
+        if cmd == "list":
+            continue
+        try:
+            code = main([cmd, "--help"])
+        except SystemExit as exit_:                  # argparse's own exit, where main lets it through
+            code = exit_.code
+        assert code in (0, None)
+        text = " ".join(capsys.readouterr().out.split())
+        assert re.search(r"\b(writes?|exit 0)\b", text, re.I), (cmd, text)            # outputs
+        assert re.search(r"\b(seconds?|minutes?|\d+ s)\b", text), (cmd, text)         # duration
+        for option in re.findall(r"(--\w+) (?:OUT|SEED|TOL)\b", text.split("options:")[-1]):
+            line = text.split("options:")[-1].split(option, 2)[-1][:160]
+            assert "default" in line or "required" in line or "created if needed" in line, (cmd, option)

@@ -32,12 +32,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 import tracemalloc
 import warnings
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..backend import Backend, _load, to_numpy
 from ..experiments.machine import blas_libraries, limit_blas_threads
@@ -76,6 +78,12 @@ SIZES = {
 
 
 # ------------------------------------------------------------------ timing
+def _bar(items, desc: str):
+    """A tqdm bar over a section's sizes, with the time left, on a terminal only."""
+    return tqdm(list(items), desc=f"bench {desc}", unit="size", file=sys.stderr, disable=None,
+                leave=False)
+
+
 def _sync(be: Backend):
     if be.name == "cupy":
         import cupy
@@ -165,7 +173,7 @@ class Problem:
 def cost(be: Backend, sizes: dict, repeats: int, memory: bool = True) -> list:
     rows = []
     sync = _sync(be)
-    for d in sizes["cost_d"]:
+    for d in _bar(sizes["cost_d"], f"1. cost ({be.name})"):
         p = Problem(be, d, sizes["cost_n"])
         res = {"broyden": p.forward("broyden"), "fixed_point": p.forward("fixed_point")}
         res_of = lambda name: res["fixed_point" if name == "bptt" else "broyden"]   # noqa: E731
@@ -204,7 +212,7 @@ def _rel(a, b) -> float:
 
 def efficiency(be: Backend, sizes: dict, repeats: int) -> list:
     xp, sync, rows = _module(be), _sync(be), []
-    for d, n in sizes["eff"]:
+    for d, n in _bar(sizes["eff"], f"2. efficiency ({be.name})"):
         p = Problem(be, d, n)
         L, x, g = p.layer, p.x, p.g
         W, U, b = L.W, L.U, L.b
@@ -254,25 +262,25 @@ def efficiency(be: Backend, sizes: dict, repeats: int) -> list:
 def against_torch(be: Backend, sizes: dict, repeats: int, device: str = "cpu") -> list:
     from .torch_step import TorchStep
     sync, rows = _sync(be), []
-    for dtype in ("float64", "float32"):
-        for d in sizes["torch_d"]:
-            p = Problem(be, d, sizes["torch_n"], dtype=dtype)
-            for name in ("upg", "implicit"):
-                opts = ({"k": K, "lam": LAM} if name == "upg" else
-                        {"method": "fixed_point", "n_iter": N_IMPLICIT, "tol": 0.0})
-                ts = TorchStep(to_numpy(p.layer.W), to_numpy(p.layer.U), to_numpy(p.layer.b),
-                               to_numpy(p.head.V), to_numpy(p.head.c), to_numpy(p.x), to_numpy(p.y),
-                               estimator=name, T=T_FORWARD, k=K, lam=LAM, K=N_IMPLICIT,
-                               dtype=dtype, device=device)
-                ours = lambda name=name, opts=opts: p.step(name, opts, forward="fixed_point")  # noqa: E731
-                t = interleaved({"deqref": ours, "torchdeq": ts}, repeats, sync)
-                gr = ours()
-                ts()
-                tg = ts.grads()
-                agree = max(_rel(getattr(gr, key), tg[key]) for key in ("W", "U", "b"))
-                rows.append({"dtype": dtype, "d": d, "n": p.n, "estimator": name, "device": device,
-                             "deqref_s": t["deqref"], "torchdeq_s": t["torchdeq"],
-                             "ratio": t["deqref"] / t["torchdeq"], "grad_rel_diff": agree})
+    for dtype, d in _bar([(t, d) for t in ("float64", "float32") for d in sizes["torch_d"]],
+                         f"3. TorchDEQ ({device})"):
+        p = Problem(be, d, sizes["torch_n"], dtype=dtype)
+        for name in ("upg", "implicit"):
+            opts = ({"k": K, "lam": LAM} if name == "upg" else
+                    {"method": "fixed_point", "n_iter": N_IMPLICIT, "tol": 0.0})
+            ts = TorchStep(to_numpy(p.layer.W), to_numpy(p.layer.U), to_numpy(p.layer.b),
+                           to_numpy(p.head.V), to_numpy(p.head.c), to_numpy(p.x), to_numpy(p.y),
+                           estimator=name, T=T_FORWARD, k=K, lam=LAM, K=N_IMPLICIT,
+                           dtype=dtype, device=device)
+            ours = lambda name=name, opts=opts: p.step(name, opts, forward="fixed_point")  # noqa: E731
+            t = interleaved({"deqref": ours, "torchdeq": ts}, repeats, sync)
+            gr = ours()
+            ts()
+            tg = ts.grads()
+            agree = max(_rel(getattr(gr, key), tg[key]) for key in ("W", "U", "b"))
+            rows.append({"dtype": dtype, "d": d, "n": p.n, "estimator": name, "device": device,
+                         "deqref_s": t["deqref"], "torchdeq_s": t["torchdeq"],
+                         "ratio": t["deqref"] / t["torchdeq"], "grad_rel_diff": agree})
     return rows
 
 
@@ -304,7 +312,7 @@ def _cupy_backend():
 # ------------------------------------------------------------------ 5. matrix forms
 def matrix_forms(sizes: dict, repeats: int) -> list:
     be, rows = _load("numpy"), []
-    for d in sizes["matrix_d"]:
+    for d in _bar(sizes["matrix_d"], "5. matrix forms"):
         p = Problem(be, d, 1, d_x=16)
         res = p.forward("broyden")
         fns = {name: (lambda name=name: estimate(name, p.layer, p.x, res, p.g, k=K, lam=LAM,
@@ -362,6 +370,8 @@ def _mib(b):
 
 
 def markdown(data: dict) -> str:
+    """bench.md from the record: Markdown tables joined by hand (one join per row; a table library
+    would add a dependency and no clarity)."""
     m = data["machine"]
     L = [f"# deqref benchmarks ({data['mode']})", "",
          f"Run {data['date']} on {m.get('Model name', '?')}, {m.get('CPU(s)', m['cpu_count'])} CPUs; "
