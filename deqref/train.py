@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .backend import DTYPES, backend_of, check_backend, check_seed, get_backend, namespace, to_numpy
 from .checks import check_bool, check_choice, check_int, check_optional_int, check_real
-from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output
+from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output, shared_unrolls
 from .gradients import base as gradient_base
 from .heads import LinearHead, cross_entropy, mse
 from .layers import Layer
@@ -434,7 +434,9 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
     hist["config"] = asdict(cfg)
     hist["epochs_run"], hist["stopped_at_target"] = 0, False
     recorded = _Recorded()
-    with _progress(cfg) as bar:                  # closed also when training stops on an error
+    # shared_unrolls: UPG's k steps from h* are taken once per batch, for h_out and for the
+    # estimate (the layer is replaced, never changed, after both)
+    with _progress(cfg) as bar, shared_unrolls():   # closed also when training stops on an error
         for epoch in range(cfg.epochs):
             perm = be.from_host(rng.permutation(n)) if bs < n else None
             t_fwd = t_bwd = t_upd = 0.0

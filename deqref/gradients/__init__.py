@@ -14,13 +14,12 @@ turns every flag into an error.
 """
 from __future__ import annotations
 
-import inspect
-
+from ..solvers import keyword_only
 from .base import Gradient, SingularMatrixError, check_result
 from .broyden_reuse import gdeq
 from .implicit import AdjointMap, adjoint_dense, implicit_dense, implicit_exact, implicit_iterative
 from .neumann import jfb, neumann_matrix, npg
-from .unrolled import bptt, unroll, upg, upg_output
+from .unrolled import bptt, shared_unrolls, unroll, upg, upg_output
 
 ESTIMATORS = {
     "implicit_dense": implicit_exact,
@@ -37,9 +36,7 @@ def estimator_options(name: str) -> tuple:
     """The option names the estimator ``name`` accepts."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown estimator {name!r}; valid estimators: {sorted(ESTIMATORS)}")
-    params = inspect.signature(ESTIMATORS[name]).parameters
-    names = tuple(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
-    return names + (("m", "lam") if name == "implicit" else ())
+    return keyword_only(ESTIMATORS[name]) + (("m", "lam") if name == "implicit" else ())
 
 
 def _check_options(name, options):
@@ -66,5 +63,5 @@ def output(name: str, layer, x, result, **options):
 
 __all__ = ["AdjointMap", "ESTIMATORS", "Gradient", "SingularMatrixError", "adjoint_dense", "bptt",
            "estimate", "estimator_options", "gdeq", "implicit_dense", "implicit_exact",
-           "implicit_iterative", "jfb", "neumann_matrix", "npg", "output", "unroll", "upg",
-           "upg_output"]
+           "implicit_iterative", "jfb", "neumann_matrix", "npg", "output", "shared_unrolls", "unroll",
+           "upg", "upg_output"]

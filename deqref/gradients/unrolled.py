@@ -21,6 +21,9 @@ References
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 
 from ..layers import Layer
@@ -38,18 +41,41 @@ def _bound(layer, x):
     return (lambda h: (layer(h, x), layer.sigma_prime(h, x))), (lambda h: layer.sigma_prime(h, x))
 
 
+_LAST_UNROLL = contextvars.ContextVar("deqref_last_unroll", default=None)
+
+
+@contextlib.contextmanager
+def shared_unrolls():
+    """Within this block, ``unroll`` called again with the same layer, x and h_0 (the same
+    objects) and the same k and λ returns the states of the call before instead of taking the
+    steps again: for a caller that takes UPG's output (``upg_output``) and its estimate (``upg``)
+    at a layer whose weights it does not change in between, as ``deqref.train.train`` does.
+    Outside such a block nothing is kept between calls."""
+    token = _LAST_UNROLL.set([None])                # one entry: (key, the objects, hs, ss)
+    try:
+        yield
+    finally:
+        _LAST_UNROLL.reset(token)
+
+
 def unroll(layer, x, h0, k: int, lam: float, *, primes: bool = False):
     """States [h_0, …, h_k] of h_{t+1} = λ F(h_t, x) + (1 − λ) h_t (Eq. 13)   # k+1 × (n, d)
 
     ``primes=True`` returns ``(hs, ss)`` with ss[t] = σ' at h_t (t < k) from the same
     pre-activation as F(h_t) — what Algorithm 1's autograd graph keeps for the backward.
     """
+    last, key = _LAST_UNROLL.get(), (id(layer), id(x), id(h0), k, lam)
+    if last is not None and last[0] is not None and last[0][0] == key:    # see shared_unrolls
+        hs, ss = list(last[0][2]), list(last[0][3])
+        return (hs, ss) if primes else hs
     F_and_prime = _bound(layer, x)[0]
     hs, ss = [h0], []
     for _ in range(k):
         F_t, s_t = F_and_prime(hs[-1])                               # (n, d), (n, d)
         hs.append(lam * F_t + (1.0 - lam) * hs[-1])
         ss.append(s_t)
+    if last is not None:                 # the objects are kept so that their ids stay theirs
+        last[0] = (key, (layer, x, h0), list(hs), list(ss))
     return (hs, ss) if primes else hs
 
 
@@ -145,7 +171,8 @@ def upg(layer, x, result, grad_h, *, k: int = 5, lam: float = 0.5, form: str = "
 
     h_0 = h* = ``result.h``; the Jacobians are evaluated at the unrolled states h_0 … h_{k−1},
     computed here from the layer as it is now (nothing is cached between calls, so an edit
-    of the layer's weights is always seen). ``grad_h`` is ∂L/∂h taken at h_k (``upg_output``),
+    of the layer's weights is always seen; only inside ``shared_unrolls``, which the trainer
+    uses, are ``upg_output``'s states taken again for the same layer, x and h*). ``grad_h`` is ∂L/∂h taken at h_k (``upg_output``),
     as in Algorithm 1.
     """
     k, lam, form = check_k(k), check_lam(lam), check_form(form)

@@ -1,6 +1,7 @@
 """Forward solvers for h* = F(h*, x): one result type, one entry point by name."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 from .anderson import anderson
@@ -15,7 +16,13 @@ def solver_options(method: str) -> tuple:
     """The option names ``method`` accepts."""
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; valid solvers: {sorted(SOLVERS)}")
-    params = inspect.signature(SOLVERS[method]).parameters
+    return keyword_only(SOLVERS[method])
+
+
+@functools.lru_cache(maxsize=None)
+def keyword_only(fn) -> tuple:
+    """The names of ``fn``'s keyword-only parameters (read from its signature once per function)."""
+    params = inspect.signature(fn).parameters
     return tuple(p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY)
 
 

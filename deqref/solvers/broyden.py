@@ -60,7 +60,7 @@ from ..backend import dtype_name, eps, to_numpy
 from ..checks import check_choice, check_real
 from .common import bound, prepare
 from ..numerics import pow2_scale
-from .result import check_memory, row_norms
+from .result import check_memory
 
 FORMS = ("lowrank", "dense")
 ROUNDING = 2.0      # Δg within ROUNDING · eps · (‖F(h)‖ + ‖h‖) is noise: skip the update
@@ -127,6 +127,11 @@ class LowRankInverse:
         written in place (usually every sample is at the same slot).
         """
         xp = self.xp
+        if mask.all() and (slot == slot[0]).all():                        # the usual case
+            j = int(slot[0])
+            self.Us[:, j, :], self.Vs[:, j, :] = u, v
+            self.filled = max(self.filled, j + 1)
+            return
         for j in (int(j) for j in np.unique(slot[mask])):
             hit = mask & (slot == j)                                      # (n,) host
             if hit.all():                                                 # the usual case
@@ -144,14 +149,15 @@ class LowRankInverse:
         return -xp.eye(d, dtype=self.Us.dtype) + xp.permute_dims(self.Us, (0, 2, 1)) @ self.Vs
 
 
-def above_rounding(mon, dg, eps_h) -> np.ndarray:
+def above_rounding(mon, dg_norm, eps_h) -> np.ndarray:
     """‖Δg‖ > ROUNDING · eps · (‖F(h_{t+1})‖ + ‖h_{t+1}‖) per sample   # (n,) host bool
 
     g = F(h) − h is computed with an error of about eps · (‖F(h)‖ + ‖h‖); a Δg below twice
-    that (two such g's) is rounding noise, and so is any update computed from it. The norms
-    of F(h_{t+1}) and h_{t+1} are those the monitor has just recorded (same norm)."""
+    that (two such g's) is rounding noise, and so is any update computed from it. ``dg_norm``
+    is ‖Δg‖ (host (n,)); the norms of F(h_{t+1}) and h_{t+1} are those the monitor has just
+    recorded (same norm), taken in the same transfer."""
     _, f, hn = mon.last_norms
-    return row_norms([dg], mon.norm)[0] > ROUNDING * eps_h * (f + hn)
+    return dg_norm > ROUNDING * eps_h * (f + hn)
 
 
 def sherman_morrison(xp, B, dh, dg, skip_tol):
@@ -208,7 +214,7 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
     F = bound(layer, x)                                       # h ↦ F(h, x)
     Fh = F(h)
     g = Fh - h                                                # g(h_0)   (n, d)
-    active = mon.record(h, Fh)
+    active = mon.record(h, Fh, g)
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
         if not active.any():
@@ -220,9 +226,9 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         g_new = F_new - h_new
         n_F += 1
         was_active = active
-        active = mon.record(h_new, F_new)
         dh, dg = h_new - h, g_new - g                          # (n, d)
-        ok = above_rounding(mon, dg, eps_h)                    # (n,) host: Δg is not rounding noise
+        active = mon.record(h_new, F_new, g_new, extra=[dg])   # also ‖Δg‖, in the same transfer
+        ok = above_rounding(mon, mon.extra_norms[0], eps_h)    # (n,) host: Δg is not rounding noise
         # the pair u vᵀ is unchanged when Δh and Δg are divided by one number; a power of two
         # per sample (exact) keeps the products below overflow for huge h (1e200)
         size = np.maximum(mon.last_norms[1], mon.last_norms[2])     # max(‖F(h)‖, ‖h‖)  host (n,)

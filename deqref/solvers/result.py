@@ -181,34 +181,54 @@ def check_memory(m, name="m") -> int:
     return check_int(name, m, minimum=1)
 
 
-def row_norms(vectors, norm: str = "2") -> np.ndarray:
+def row_norms(vectors, norm: str = "2", xp=None) -> np.ndarray:
     """‖v‖ of every row of each (n, d) backend array in ``vectors``, as a host float64 array
-    (len(vectors), n), with one device-to-host transfer on the usual path.
+    (len(vectors), n), with one device-to-host transfer on the usual path (``xp``: the arrays'
+    namespace, when the caller knows it).
 
     ``norm="2"``: √(v·v) per row; rows where v·v overflowed or fell below the smallest normal
     number are recomputed as s · √((v/s)·(v/s)), s = max|v_i| (finite for every finite v
     whose norm fits in float64). ``norm="inf"``: max|v_i|, which cannot overflow.
     """
-    xp = backend_of(vectors[0]).xp
+    xp = backend_of(vectors[0]).xp if xp is None else xp
     if norm == "inf":
-        return to_numpy(xp.stack([xp.max(xp.abs(v), axis=1) for v in vectors])).astype(np.float64)
+        return to_numpy(xp.stack([xp.max(xp.abs(v), axis=1) for v in vectors])).astype(np.float64, copy=False)
     # √(v·v) row by row: one pass and no temporary; vector_norm squares into a temporary the
     # size of v, which at d = 512, n = 256 made each residual record ~10x slower (page faults)
     with np.errstate(over="ignore", under="ignore"):                 # rows redone below
         out = to_numpy(xp.stack([xp.sqrt(xp.vecdot(v, v, axis=-1)) for v in vectors]))
-    out = out.astype(np.float64)
-    tiny = math.sqrt(float(np.finfo(dtype_name(vectors[0])).tiny))   # √(smallest normal)
-    redo = ~np.isfinite(out) | (out < tiny)                          # (k, n) host
+    out = out.astype(np.float64, copy=False)
+    redo = ~np.isfinite(out) | (out < _sqrt_tiny(vectors[0].dtype))  # (k, n) host
     for k in np.flatnonzero(redo.any(axis=1)):                       # rare: rescale those rows
-        out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k]), out[k])
+        out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k], redo[k]), out[k])
     return out
 
 
-def _scaled_norms(xp, v) -> np.ndarray:
-    """s · √((v/s)·(v/s)), s = max|v_i| per row, the product taken on the host in float64."""
+_SQRT_TINY = {}
+
+
+def _sqrt_tiny(dtype) -> float:
+    """√(smallest normal number) of a backend dtype, looked up once per dtype."""
+    try:
+        return _SQRT_TINY[dtype]
+    except (KeyError, TypeError):                                    # TypeError: not hashable
+        value = math.sqrt(float(np.finfo(str(dtype).replace("array_api_strict.", "")).tiny))
+        try:
+            _SQRT_TINY[dtype] = value
+        except TypeError:
+            pass
+        return value
+
+
+def _scaled_norms(xp, v, rows) -> np.ndarray:
+    """s · √((v/s)·(v/s)), s = max|v_i| per row, the product taken on the host in float64; only
+    the rows in the host mask ``rows`` are needed (the others may hold anything)."""
     s = xp.max(xp.abs(v), axis=1)                                    # (n,)
+    s_h = to_numpy(s).astype(np.float64)
+    if np.all(s_h[rows] == 0):            # only zero rows (h_0 = 0, a stopped sample's Δg): 0
+        return np.zeros_like(s_h)
     w = v / xp.where(s > 0, s, xp.ones_like(s))[:, None]             # entries in [−1, 1]
-    s_h, q = to_numpy(xp.stack([s, xp.sqrt(xp.vecdot(w, w, axis=-1))])).astype(np.float64)
+    q = to_numpy(xp.sqrt(xp.vecdot(w, w, axis=-1))).astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         return s_h * q                                               # 0 · q = 0 for v = 0
 
@@ -238,6 +258,8 @@ class Monitor:
         self.best = np.full(n, np.inf)
         self.since_best = np.zeros(n, dtype=np.int64)
         self.S0 = self.limit = self.runaway = self.eps = None        # set by the first record
+        self.floor = self.scale = None                               # s = √tol·S_0, max(S_0, 1)
+        self.xp = None
         self.n_records = 0
 
     def start(self, h, r_abs, f, hn):
@@ -246,14 +268,23 @@ class Monitor:
         self.S0 = np.maximum(hn, f)                                    # S_0 = max(‖h_0‖, ‖F(h_0)‖)
         self.limit = self.divergence_factor * _at_least_1(r_abs)      # on r_abs
         self.runaway = self.divergence_factor * _at_least_1(self.S0)  # on ‖h‖
+        self.floor = math.sqrt(self.tol) * self.S0                    # s, the floor of ‖F(h)‖
+        self.scale = _at_least_1(self.S0)                             # max(S_0, 1)
 
-    def record(self, h, Fh) -> np.ndarray:
+    def record(self, h, Fh, g=None, extra=()) -> np.ndarray:
+        """``g``: F(h) − h where the solver has computed it already; ``extra``: more (n, d)
+        arrays whose row norms the solver needs, taken in the same transfer to the host and
+        left in ``extra_norms``."""
         first = self.n_records == 0
-        if first and tuple(Fh.shape) != tuple(h.shape):
-            raise ValueError(f"F(h0, x) must return an array of the shape of h0 {tuple(h.shape)}, "
-                             f"got {tuple(Fh.shape)}")
-        # the three norms in one transfer to the host (one device synchronisation on a GPU)
-        r_abs, f, hn = self.last_norms = row_norms([Fh - h, Fh, h], self.norm)   # (n,) float64
+        if first:
+            if tuple(Fh.shape) != tuple(h.shape):
+                raise ValueError(f"F(h0, x) must return an array of the shape of h0 {tuple(h.shape)}, "
+                                 f"got {tuple(Fh.shape)}")
+            self.xp = backend_of(h).xp
+        # the norms in one transfer to the host (one device synchronisation on a GPU)
+        norms = row_norms([Fh - h if g is None else g, Fh, h, *extra], self.norm, self.xp)
+        r_abs, f, hn = self.last_norms = norms[0], norms[1], norms[2]   # (n,) float64 each
+        self.extra_norms = norms[3:]
         with np.errstate(divide="ignore", invalid="ignore"):
             r_rel = np.where((f == 0) & (r_abs == 0), 0.0, r_abs / f)  # r/0 = inf; NaN stays NaN
         if first:
@@ -264,47 +295,55 @@ class Monitor:
         self.act_rows.append(act)
         if not first:
             self.n_iter[act] += 1
-        bad = self.diverged_mask(r_abs, f, hn)
-        ok = self.converged_mask(r_abs, f, hn) & ~bad                  # diverged comes first
+        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        bad = self.diverged_mask(r_abs, f, hn, finite)
+        ok = self.converged_mask(r_abs, f, hn, finite) & ~bad         # diverged comes first
         with np.errstate(invalid="ignore"):
             improved = r_abs < self.best
         self.best = np.where(act & improved, r_abs, self.best)
         self.since_best = np.where(act & ~improved, self.since_best + 1, 0)
-        stalled = (self.since_best >= self.stall_iter) if self.stall_iter else np.zeros(self.n, bool)
         self.newly_bad = act & bad
-        for mask, reason in ((act & bad, "diverged"), (act & ok, "tolerance"),
-                             (act & ~ok & ~bad & stalled, "stagnated")):
-            for i in np.flatnonzero(mask):
-                self.reason[i] = reason
-            self.active = self.active & ~mask
-        self.converged |= act & ok
+        stop = bad | ok
+        if self.stall_iter:
+            stop |= self.since_best >= self.stall_iter
+        stop &= act
+        if stop.any():                        # diverged, else converged, else stagnated
+            for i in np.flatnonzero(stop):
+                self.reason[i] = "diverged" if bad[i] else "tolerance" if ok[i] else "stagnated"
+            self.active = act & ~stop
+            self.converged |= act & ok
         self.n_records += 1
         return self.active
 
-    def converged_mask(self, r_abs, f, hn) -> np.ndarray:
+    def converged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
         """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, s) and r_abs ≤ s)], s = √tol·S_0"""
-        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
-        s = math.sqrt(self.tol) * self.S0                              # (n,) the floor of ‖F(h)‖
+        if finite is None:
+            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        s = self.floor                                                 # (n,) the floor of ‖F(h)‖
         with np.errstate(invalid="ignore"):
             relative = (r_abs <= self.tol * np.maximum(f, s)) & (r_abs <= s)
             return finite & ((r_abs <= self.atol) | relative)
 
-    def diverged_mask(self, r_abs, f, hn) -> np.ndarray:
+    def diverged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
         """anything non-finite, r_abs > factor·max(r_abs(h_0), 1), ‖h‖ > factor·max(S_0, 1),
         or eps·‖h‖ > max(S_0, 1)"""
-        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        if finite is None:
+            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
         with np.errstate(invalid="ignore"):
-            unresolved = self.eps * hn > _at_least_1(self.S0)
+            unresolved = self.eps * hn > self.scale
             return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
 
     def finish(self, h, *, n_F, options, **kw) -> SolverResult:
-        act = np.stack(self.act_rows)                                # (records, n)
-        A, R = np.stack(self.abs_rows), np.stack(self.rel_rows)      # (records, n)
+        # a sample is active in records 0 … n_iter (it stops for good), so its trace is the
+        # first n_iter + 1 entries of its column (read from the transposed records)
+        length = np.stack(self.act_rows).sum(axis=0)                  # (n,) records while active
+        A = np.stack(self.abs_rows, axis=1)                           # (n, records)
+        R = np.stack(self.rel_rows, axis=1)
         res = SolverResult(
             h=h, converged=self.converged.copy(), n_iter=self.n_iter.copy(),
             stop_reason=tuple(self.reason),
-            abs_residual=[A[act[:, i], i] for i in range(self.n)],    # while sample i was active
-            rel_residual=[R[act[:, i], i] for i in range(self.n)],
+            abs_residual=[A[i, :k] for i, k in enumerate(length.tolist())],   # while sample i was active
+            rel_residual=[R[i, :k] for i, k in enumerate(length.tolist())],
             n_F=n_F, solver=self.name, options=options, extra={"S0": self.S0}, **kw)
         if self.warn:
             res.warn_if_not_converged(stacklevel=3)
