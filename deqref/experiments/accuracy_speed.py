@@ -234,8 +234,9 @@ def claims(data: dict) -> list:
                             f"{paper}×", m, C.above(1 + SPEED_DELTA),
                             what=f"the training speed-up of {label} over implicit (×)", interval=iv,
                             n=n, unit="×"))
+    # an ordering: the paper's own gap is 2.16 / 1.97 = 1.10×, so no minimum effect is asked of it
     m, iv = C.ratio_interval(_per_seed(data, "jfb", "time") / _per_seed(data, "gdeq", "time"))
     rows.append(C.claim("gdeq.table2.gdeq_fastest", "GDEQ, Table 2", "GDEQ trains faster than JFB",
-                        "2.16× against 1.97×", m, C.above(1.05),
+                        "2.16× against 1.97×", m, C.above(1.0),
                         what="JFB's training time / GDEQ's (×)", interval=iv, n=n, unit="×"))
     return rows
