@@ -208,16 +208,12 @@ _SQRT_TINY = {}
 
 
 def _sqrt_tiny(dtype) -> float:
-    """√(smallest normal number) of a backend dtype, looked up once per dtype."""
-    try:
-        return _SQRT_TINY[dtype]
-    except (KeyError, TypeError):                                    # TypeError: not hashable
-        value = math.sqrt(float(np.finfo(str(dtype).replace("array_api_strict.", "")).tiny))
-        try:
-            _SQRT_TINY[dtype] = value
-        except TypeError:
-            pass
-        return value
+    """√(smallest normal number) of a backend dtype, looked up once per dtype (keyed by its
+    name: array_api_strict warns when its dtypes are compared with NumPy's)."""
+    name = str(dtype).replace("array_api_strict.", "")
+    if name not in _SQRT_TINY:
+        _SQRT_TINY[name] = math.sqrt(float(np.finfo(name).tiny))
+    return _SQRT_TINY[name]
 
 
 def _scaled_norms(xp, v, rows) -> np.ndarray:
