@@ -7,7 +7,8 @@ Python, and ``max_iter=True`` silently meaning 1 is exactly the kind of answer d
 
 Array checks (shape, finiteness, one backend and dtype) live in ``deqref.backend``
 (``check_shape``, ``check_finite``, ``namespace``); they are re-exported here so that a module
-needs one import for all of its argument checks.
+needs one import for all of its argument checks. Other modules only name domain checks built
+on these (``gradients.base.check_k``: a count >= 1; ``check_form``; ``layers.check_activation``).
 """
 from __future__ import annotations
 
@@ -80,6 +81,16 @@ def check_real(name: str, value, *, lo: float | None = None, hi: float | None = 
     if hi is not None and (v > hi or (hi_open and v == hi)):
         raise ValueError(f"{name} must be {want}, got {_describe(value)}")
     return v
+
+
+def check_optional_real(name: str, value, **interval) -> float | None:
+    """None, or a finite real number as in ``check_real``."""
+    if value is None:
+        return None
+    try:
+        return check_real(name, value, **interval)
+    except ValueError as err:
+        raise ValueError(str(err).replace(" must be ", " must be None or ", 1)) from None
 
 
 def check_lam(lam, name: str = "lam") -> float:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import backend_of, dtype_name, eps, to_numpy
-from ..checks import check_choice, check_finite, check_int, check_real
+from ..checks import check_choice, check_finite, check_int
 from ..numerics import pow2_exponent
 from ..solvers import ConvergenceWarning, SolverResult
 
@@ -54,16 +54,6 @@ def check_form(form: str) -> str:
 def check_k(k, name: str = "k") -> int:
     """A step / term count k >= 1 (an integer, not a bool)."""
     return check_int(name, k, minimum=1)
-
-
-def check_optional_real(name: str, value, **interval) -> float | None:
-    """None, or a finite real number as in ``deqref.checks.check_real``."""
-    if value is None:
-        return None
-    try:
-        return check_real(name, value, **interval)
-    except ValueError as err:
-        raise ValueError(str(err).replace(" must be ", " must be None or ", 1)) from None
 
 
 def check_arrays(layer, x, **arrays) -> None:

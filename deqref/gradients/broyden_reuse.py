@@ -16,8 +16,8 @@ In the matrix form the fallback is literal: that sample's matrix −(B_T⁻¹)�
 from __future__ import annotations
 
 from ..backend import to_numpy
-from .base import (Gradient, check_call, check_form, check_optional_real, make_gradient,
-                   unit_scale)
+from ..checks import check_optional_real
+from .base import Gradient, check_call, check_form, make_gradient, unit_scale
 
 
 def _fallback(xp, y, grad_h, factor):
