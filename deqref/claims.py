@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,9 @@ def counts(rows: list) -> dict:
 
 def write(path: Path, rows: list, setting: dict, order: tuple = ()) -> dict:
     """Write claims.json: rows of earlier runs of other experiments are kept, this run's replace
-    those of the experiments it ran; rows are sorted by their experiment's place in ``order``."""
+    those of the experiments it ran; rows are sorted by their experiment's place in ``order``.
+    This run's rows must pass ``check_row`` (ValueError otherwise); an earlier row that does not
+    (edited by hand, or from a file that is not a claims file) is dropped with a warning."""
     path = Path(path)
     kept = []
     if path.exists():
@@ -204,11 +207,18 @@ def write(path: Path, rows: list, setting: dict, order: tuple = ()) -> dict:
         except (ValueError, KeyError, TypeError):
             old = []
         ran = {r.get("experiment") for r in rows}
-        kept = [r for r in old if r.get("experiment") not in ran]
-    rank = {name: i for i, name in enumerate(order)}
-    merged = sorted(kept + rows, key=lambda r: rank.get(r.get("experiment"), len(rank)))
-    for r in merged:
+        kept = [r for r in old if isinstance(r, dict) and r.get("experiment") not in ran]
+    for r in rows:
         check_row(r)
+    valid = []
+    for r in kept:                       # an earlier row whose verdict is not its rule's is dropped
+        try:
+            check_row(r)
+            valid.append(r)
+        except (ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"{path}: an earlier claims row is dropped: {err}", stacklevel=2)
+    rank = {name: i for i, name in enumerate(order)}
+    merged = sorted(valid + rows, key=lambda r: rank.get(r.get("experiment"), len(rank)))
     doc = {"claims": merged, "counts": counts(merged), "setting": setting}
     path.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
     return doc

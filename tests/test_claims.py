@@ -192,3 +192,18 @@ def test_jfb_time_to_loss_uses_only_what_the_runs_decide(full_reached, b_reached
     short = {r["id"]: r for r in claims(_jfb(True, True, t_b=200.0, epochs=40))}
     assert short["jfb.fig1.time_to_loss_b64"]["verdict"] == "not resolved"      # needs --full
     assert short["jfb.table1.full_batch_loss"]["measured"] is None
+
+
+def test_write_drops_an_earlier_row_edited_by_hand(tmp_path):
+    path = tmp_path / "claims.json"
+    a = dict(_row(id="a.1"), experiment="ablation")
+    C.write(path, [a], {}, ORDER)
+    doc = json.loads(path.read_text())
+    doc["claims"][0]["verdict"] = "not reproduced"           # a verdict typed by hand
+    path.write_text(json.dumps(doc))
+    s = dict(_row(id="s.1"), experiment="static_precision")
+    with pytest.warns(UserWarning, match="dropped.*'a.1'"):
+        doc = C.write(path, [s], {}, ORDER)
+    assert [r["id"] for r in doc["claims"]] == ["s.1"]
+    with pytest.raises(ValueError, match="its rule gives"):   # this run's rows must be right
+        C.write(path, [dict(s, verdict="not resolved")], {}, ORDER)

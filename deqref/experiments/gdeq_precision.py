@@ -185,9 +185,10 @@ def claims(data: dict) -> list:
     close to the implicit one and a descent direction, closer than JFB's (GDEQ's premise: B_T⁻¹
     improves on JFB's −I), and with limited memory still a descent direction."""
     rows = []
-    full = data["runs"].get("m18", [])
-    limited = [r for key, runs in data["runs"].items() if key.startswith("m") and "_" not in key
-               and key != "m18" for r in runs]
+    full_m = data["setting"]["full_memory"]
+    full = data["runs"].get(run_key(full_m, "gdeq"), [])
+    limited = [r for runs in data["runs"].values() for r in runs
+               if r["trained_with"] == "gdeq" and r["m"] < full_m]
     n = len(full)
     m, iv = C.mean_interval([r["overall"]["gdeq"]["median"] for r in full])
     rows.append(C.claim("gdeq.fig2.close_to_implicit", "GDEQ, Fig. 2",
