@@ -207,3 +207,24 @@ def test_write_drops_an_earlier_row_edited_by_hand(tmp_path):
     assert [r["id"] for r in doc["claims"]] == ["s.1"]
     with pytest.raises(ValueError, match="its rule gives"):   # this run's rows must be right
         C.write(path, [dict(s, verdict="not resolved")], {}, ORDER)
+
+
+def test_shared_runs_are_keyed_by_backend_and_data():
+    """A run trained on one backend or data set is not handed to a caller on another."""
+    from deqref.backend import use_backend
+    from deqref.data import digits
+    from deqref.experiments import runs
+    from deqref.train import TrainConfig
+    cfg = TrainConfig(estimator="jfb", epochs=1, batch_size=256, quiet=True, solver_options={"max_iter": 3})
+    runs.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with use_backend("numpy"):
+            a = runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+            b = runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+            c = runs.trained(digits(0).subset(128), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+        with use_backend("strict"):
+            d = runs.trained(digits(0, backend=None).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+    assert a == b and len(runs._RUNS) == 3
+    assert c["train_loss"] != a["train_loss"] and d["train_loss"] == a["train_loss"]
+    runs.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from ..backend import backend_of, dtype_name, get_backend
 from ..train import DEQModel, TrainConfig, train
 
 _RUNS: dict = {}
@@ -19,7 +20,11 @@ _RUNS: dict = {}
 def trained(data, data_tag: str, d: int, activation: str, L_h: float, cfg: TrainConfig, keys) -> dict:
     """The history (``keys`` only, plus ``seed`` and ``wall_s``) of training
     ``DEQModel.random(d, …, seed=cfg.seed, L_h=L_h)`` on ``data`` (named ``data_tag``) with ``cfg``."""
-    key = (data_tag, d, activation, L_h, repr(dataclasses.replace(cfg, label="", quiet=True)))  # not the bar
+    # the data by name and by what the run sees of it (backend, dtype, shape); the model's
+    # backend; the configuration but for the progress bar
+    x = data.x_train
+    key = (data_tag, backend_of(x).name, dtype_name(x), tuple(x.shape), get_backend().name, d, activation,
+           L_h, repr(dataclasses.replace(cfg, label="", quiet=True)))
     if key not in _RUNS:
         model = DEQModel.random(d, data.d_x, data.n_outputs, activation, seed=cfg.seed, L_h=L_h)
         t0 = time.perf_counter()
