@@ -136,7 +136,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from .backend import to_numpy, use_backend
-from .checks import check_real
+from .checks import check_int, check_real
 from .numerics import norm_no_overflow, pow2_exponent
 from .gradients import estimate
 from .layers import ACTIVATIONS, Layer
@@ -619,6 +619,17 @@ def crosscheck_arrays(params: dict, *, activation: str, x, grad_h, gradients: di
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    fixed_point_tol = check_real("fixed_point_tol", fixed_point_tol, lo=0, lo_open=True)
+    if not isinstance(gradients, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                  for k, v in gradients.items()):
+        raise ValueError("gradients: expected a dict of estimator name (str) -> dict of arrays")
+    for name, nums in (numbers or {}).items():
+        if not isinstance(nums, dict) or not set(nums) <= {"k", "lam", "T"}:
+            raise ValueError(f"numbers[{name!r}]: expected a dict with keys among 'k', 'lam', 'T', "
+                             f"got {nums!r:.60}")
+        for key in ("k", "T"):
+            if key in nums:
+                check_int(f"numbers[{name!r}][{key!r}]", nums[key], minimum=1)
     missing = {"W", "U", "b"} - set(params)
     if missing:
         raise ValueError(f"params: missing {sorted(missing)}; expected the keys W, U, b")
@@ -631,6 +642,8 @@ def crosscheck_arrays(params: dict, *, activation: str, x, grad_h, gradients: di
     if X.ndim != 2 or X.shape[1] != d_x:
         raise ValueError(f"x: expected shape (n, {d_x}), got {X.shape}")
     n = X.shape[0]
+    if min(n, d, d_x) < 1:
+        raise ValueError(f"params, x: need n, d, d_x >= 1, got n = {n}, d = {d}, d_x = {d_x}")
     out = {**file_conventions(gdeq="gdeq" in gradients), "activation": np.array(activation),
            **P, "x": X}
     for key, a in (("grad_h", grad_h), ("h_star", h_star), ("h_eval", h_eval)):
@@ -640,6 +653,8 @@ def crosscheck_arrays(params: dict, *, activation: str, x, grad_h, gradients: di
                 raise ValueError(f"{key}: expected shape ({n}, {d}), got {out[key].shape}")
     if "grad_h" not in out:
         raise ValueError("grad_h: required (the upstream gradient g, shape (n, d))")
+    if not np.any(out["grad_h"]):
+        raise ValueError("grad_h: all zeros, so every A g is 0 and the comparison would test nothing")
     if h_star is not None:
         _check_mapping(P, activation, X, out["h_star"], fixed_point_tol)
     if not gradients:
@@ -816,8 +831,8 @@ def _check_container(path: Path) -> None:
     if not head:
         raise CrosscheckError(f"is empty (0 bytes); expected {what}")
     if head.startswith(b"\x93NUMPY"):
-        raise CrosscheckError(f"is a .npy file (one array), not an npz archive; save every key "
-                              f"into one file with numpy.savez(path, activation=..., W=..., ...)")
+        raise CrosscheckError("is a .npy file (one array), not an npz archive; save every key "
+                              "into one file with numpy.savez(path, activation=..., W=..., ...)")
     if not head.startswith(b"PK"):
         raise CrosscheckError(f"is not an npz file: expected {what}, which starts with the zip "
                               f"signature b'PK'; this file starts with {head!r}")
@@ -1086,6 +1101,9 @@ def load_input(path: Path) -> CrosscheckInput:
         data = _read_arrays(zf, headers, keys)
     activation = _activation(data["activation"])
     W, U, b, x, grad_h = (_finite64(data, k) for k in ("W", "U", "b", "x", "grad_h"))
+    if not np.any(grad_h):
+        raise CrosscheckError("key 'grad_h': all zeros, so every reference A g is 0 and the "
+                              "comparison would test nothing; use a nonzero upstream gradient")
     h_star = _finite64(data, "h_star") if "h_star" in data else None
     version = int(data["format_version"]) if "format_version" in data else 1
     if version not in FORMAT_VERSIONS:
@@ -1291,9 +1309,9 @@ def crosscheck(inp: CrosscheckInput) -> list[dict]:
         for p in [q for q in PARAMS if q in grads]:
             theirs = grads[p]
             err, cos = compare(mine[p], theirs)
-            if math.isnan(err):
-                raise CrosscheckError(f"deqref could not compute a reference for {name}: the "
-                                      f"relative error of {p} is NaN")
+            if not math.isfinite(err):             # no verdict from NaN or from an overflow
+                raise CrosscheckError(f"no verdict for {name}: the relative error of {p} is {err} "
+                                      f"(a value near the float64 limit, or no reference)")
             diff = float(np.max(np.abs(mine[p] / 2.0 - theirs / 2.0))) * 2.0   # no overflow
             rows.append({"estimator": name, "param": p, "rel_err": err, "cosine": cos,
                          "max_abs": diff})

@@ -517,3 +517,19 @@ def test_golden_command_is_seeded(golden, tmp_path, capsys):
         assert a.keys() == b.keys()
         for key in a:
             assert np.array_equal(a[key], b[key]), f"{name}: {key} differs between runs"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a.update(grad_h=0 * a["grad_h"]), "key 'grad_h': all zeros"),
+    (lambda a: a.update(jfb__grad_W=np.full_like(a["jfb__grad_W"], 1e308)), "no verdict for jfb: the relative error of W is inf"),
+])
+def test_no_verdict_from_nothing_or_from_an_overflow(golden, tmp_path, capsys, edit, message):
+    """A zero upstream gradient makes every reference 0 (any zero answer would 'agree'); a value
+    near the float64 limit makes the relative error overflow: exit 2, one line, no verdict."""
+    arrays = dict(np.load(golden["golden_tanh_d8.npz"]))
+    edit(arrays)
+    path = tmp_path / "edited.npz"
+    np.savez(path, **arrays)
+    assert main(["crosscheck", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

@@ -83,6 +83,13 @@ def test_jax_params_errors_name_the_argument(model, call, message):
     (lambda a: a.update(starts={"jfb": "zeros"}), "starts/numbers for 'jfb': start must be one of ['h_star', 'h_eval']"),
     (lambda a: a.update(starts={"npg_k2_lam1": "h_star"}), "starts/numbers: 'npg_k2_lam1' is not in gradients"),
     (lambda a: a.update(gradients={"gdeq": a["gradients"]["jfb"]}), "B_inv: required with gdeq"),
+    (lambda a: a.update(grad_h=0 * a["grad_h"]), "grad_h: all zeros"),
+    (lambda a: a.update(fixed_point_tol=float("nan")), "fixed_point_tol must be"),
+    (lambda a: a.update(x=a["x"][:0], grad_h=a["grad_h"][:0], h_star=a["h_star"][:0]), "need n, d, d_x >= 1"),
+    (lambda a: a.update(gradients={"jfb": 0.5}), "gradients: expected a dict of estimator name"),
+    (lambda a: a.update(numbers={"jfb": {"K": 3}}), "numbers['jfb']: expected a dict with keys among"),
+    (lambda a: a.update(gradients={"upg_k5_lam0.5": a["gradients"]["jfb"]}, numbers={"upg_k5_lam0.5": {"k": 5.7}}),
+     "numbers['upg_k5_lam0.5']['k'] must be an integer"),
 ])
 def test_crosscheck_arrays_errors_name_the_argument(model, edit, message):
     params, x, g, h, grads = model
