@@ -210,7 +210,8 @@ def test_write_drops_an_earlier_row_edited_by_hand(tmp_path):
 
 
 def test_shared_runs_are_keyed_by_backend_and_data():
-    """A run trained on one backend or data set is not handed to a caller on another."""
+    """A run trained on one backend or data set is not handed to a caller on another, and a
+    shared run's warnings reach every caller."""
     from deqref.backend import use_backend
     from deqref.data import digits
     from deqref.experiments import runs
@@ -223,8 +224,18 @@ def test_shared_runs_are_keyed_by_backend_and_data():
             a = runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
             b = runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
             c = runs.trained(digits(0).subset(128), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+            e = runs.trained(digits(1).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
         with use_backend("strict"):
             d = runs.trained(digits(0, backend=None).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
-    assert a == b and len(runs._RUNS) == 3
-    assert c["train_loss"] != a["train_loss"] and d["train_loss"] == a["train_loss"]
+    assert a == b and len(runs._RUNS) == 4          # another seed's split, same shape: its own run
+    assert c["train_loss"] != a["train_loss"] != e["train_loss"] and d["train_loss"] == a["train_loss"]
+    runs.clear()
+
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        runs.trained(digits(0).subset(256), "digits", 8, "tanh", 0.9, cfg, ["train_loss"])
+    assert len(first) >= 1 and [str(w.message) for w in again] == [str(w.message) for w in first]
     runs.clear()
