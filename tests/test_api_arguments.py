@@ -93,7 +93,7 @@ def test_layer_random_checks_L_h(L_h):
                                        ("float32", 1e19)])
 def test_layer_random_meets_L_h_at_the_ends_of_its_range(dtype, L_h):
     """‖W‖₂ = L_h to the dtype's rounding (the SVD's, a few eps) at the extremes it accepts."""
-    W = np.asarray(Layer.random(4, 2, seed=0, L_h=L_h, dtype=dtype).W, dtype=np.float64)
+    W = host(Layer.random(4, 2, seed=0, L_h=L_h, dtype=dtype).W)
     assert abs(np.linalg.norm(W, 2) - L_h) <= 16 * np.finfo(dtype).eps * L_h
 
 

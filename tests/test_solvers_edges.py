@@ -63,11 +63,18 @@ def test_residual_zero_beyond_the_dtype_resolution_is_not_converged(be, arr):
     # play; the default 1e8 catches this case too, and diverged must still come first.
     c = np.array([0.43635318, -0.49542466, 0.1320477])
     layer = shift_layer(arr, 3, c, "float32")
+    # The throw comes from Anderson's least-squares mixing, whose rounding is the backend's: on a
+    # kernel (cuSOLVER, say) whose extrapolation stays small within 6 steps the case is not built,
+    # and the test says so instead of passing on something else.
     for factor in (1e12, 1e8):
-        with pytest.warns(ConvergenceWarning, match="diverged"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
             res = solve(layer, arr(np.ones((1, 1)), "float32"), method="anderson", tol=0.0,
                         atol=0.0, max_iter=6, divergence_factor=factor)
-        assert res.abs_residual[0][-1] == 0.0              # the case under test
+        if res.abs_residual[0][-1] != 0.0:
+            pytest.skip(f"{be.name}: Anderson's iterates stay within float32's resolution of c "
+                        "here; the exact-zero residual does not arise")
+        assert any("diverged" in str(w.message) for w in caught if w.category is ConvergenceWarning)
         assert not res.converged.any() and res.stop_reason == ("diverged",)
         assert np.linalg.norm(host(res.h)) < 1e3 * np.linalg.norm(c)   # h_5 kept, not h_6
 

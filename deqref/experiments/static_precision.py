@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import claims as C
 from ..data import SYNTH_D, SYNTH_D_X, SYNTH_L_H, synthetic
+from ..backend import to_numpy
 from ..gradients import estimate
 from ..solvers import solve
 from ..theory import cosine
@@ -79,12 +80,12 @@ def run_seed(seed: int, cfg: dict) -> dict:
     # 3. inexact h*: phantom gradients at h from a loose solve, exact = oracle at the true h*
     ex = solve(layer, x, method="fixed_point", tol=EXACT_TOL, max_iter=EXACT_MAX_ITER)
     true_grad = estimate("implicit_dense", layer, x, ex, g).theta
-    h_star = np.asarray(ex.h)
+    h_star = to_numpy(ex.h)
     inexact = []
     for tol in cfg["tols"] + [EXACT_TOL]:
         r = ex if tol == EXACT_TOL else solve(layer, x, method="fixed_point", tol=tol,
                                               max_iter=PAPER_MAX_ITER, warn=False)
-        h_err = float(np.linalg.norm(np.asarray(r.h) - h_star) / np.linalg.norm(h_star))
+        h_err = float(np.linalg.norm(to_numpy(r.h) - h_star) / np.linalg.norm(h_star))
         inexact.append({"tol": tol, "n_iter_max": int(r.n_iter.max()), "rel_error_h": h_err,
                         "cos": {str(lam): _cosines(layer, x, r, g, true_grad, ks, lam)
                                 for lam in cfg["inexact_lams"]}})
