@@ -15,7 +15,8 @@ deqref measures, on ``data.synthetic(seed, d=128, n=32)`` (default mode) at an h
 method, with the BLAS limited to one thread (``threadpoolctl``, where installed: the machine is
 shared and multithreaded BLAS on small matrices mostly measures contention):
 the median wall time of ``estimate(name, …)`` (the vector forms: VJPs only) over repeats, and
-the peak memory it allocates (``tracemalloc``, which sees NumPy's buffers), against its step
+the peak memory it allocates (``tracemalloc``, which sees NumPy's buffers; on CuPy the device
+memory pool's allocations), against its step
 parameter x — k for UPG/NPG, K for the implicit baseline (its adjoint solved by K Broyden
 iterations with deqref's default memory m = 30, or by K fixed-point iterations), m for GDEQ
 (the rank of the stored B_T⁻¹, which its backward applies), nothing for JFB (measured at every
@@ -83,19 +84,26 @@ def _backward(method, layer, x, g, h_result, broyden_results, p):
     raise ValueError(method)
 
 
-def _time(fn, repeats: int) -> float:
-    """Median wall time (s) of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+def _time(fn, repeats: int, backend) -> float:
+    """Median wall time (s) of ``fn()`` over ``repeats`` runs, after one warm-up run; on CuPy the
+    device is synchronized before the clock stops (its kernels run asynchronously)."""
+    sync = _cupy_sync() if backend.name == "cupy" else (lambda: None)
     fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what was allocated before (tracemalloc)."""
+def _peak_bytes(fn, backend) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before: tracemalloc
+    (NumPy's buffers) on the host; on CuPy, the device memory pool's hand-outs and returns, each
+    rounded up to the pool's 512-byte unit (tracemalloc does not see GPU memory)."""
+    if backend.name == "cupy":
+        return _device_peak_bytes(fn)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -104,6 +112,34 @@ def _peak_bytes(fn) -> int:
         return int(tracemalloc.get_traced_memory()[1] - base)
     finally:
         tracemalloc.stop()
+
+
+def _cupy_sync():
+    import cupy
+    return cupy.cuda.Device().synchronize
+
+
+def _device_peak_bytes(fn) -> int:
+    import cupy
+
+    class Peak(cupy.cuda.MemoryHook):
+        name = "deqref_peak_bytes"
+
+        def __init__(self):
+            self.now = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.now += kw["mem_size"]
+            self.peak = max(self.peak, self.now)
+
+        def free_postprocess(self, **kw):
+            self.now -= kw["mem_size"]
+
+    hook = Peak()
+    with hook:
+        fn()
+        cupy.cuda.Device().synchronize()
+    return int(hook.peak)
 
 
 def loglog_slope(xs, ys) -> float:
@@ -163,8 +199,10 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                        for m in grid}
     rows = {}
     for method, (param, t_claim, m_claim) in CLAIMS.items():
-        times = [_time(_backward(method, layer, x, g, h_result, broyden_results, p), reps) for p in grid]
-        peaks = [_peak_bytes(_backward(method, layer, x, g, h_result, broyden_results, p)) for p in grid]
+        times = [_time(_backward(method, layer, x, g, h_result, broyden_results, p), reps, layer.backend)
+                 for p in grid]
+        peaks = [_peak_bytes(_backward(method, layer, x, g, h_result, broyden_results, p), layer.backend)
+                 for p in grid]
         rows[method] = {"param": param, "times_s": times, "peak_bytes": peaks,
                         "time_claim": t_claim, "mem_claim": m_claim,
                         "time": _verdict(t_claim, grid, times), "mem": _verdict(m_claim, grid, peaks)}
@@ -174,7 +212,9 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
                         "forward": "Broyden (low-rank) to rel. residual 1e-10",
                         "h_star_iterations": int(h_result.n_iter.max()),
                         "timer": "median of time.perf_counter over repeats after one warm-up",
-                        "memory": "tracemalloc peak above the start of the call",
+                        "memory": ("CuPy memory-pool peak above the start of the call"
+                                   if layer.backend.name == "cupy"
+                                   else "tracemalloc peak above the start of the call"),
                         "backend": layer.backend.name, "blas_threads": blas_threads()},
             "rows": rows}
     return data
