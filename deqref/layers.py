@@ -62,11 +62,42 @@ def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
     return W * (L_h / norm)
 
 
+def project_spectral(W, bound: float):
+    """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound, else W unchanged (on W's backend)."""
+    s = float(namespace(W=W).linalg.matrix_norm(W, ord=2))
+    return W * (bound / s) if s > bound else W
+
+
 _NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
 
 
+class DenseLinearization:
+    """The dense layer's derivatives at one (h, x): s = σ′(a) computed once and shared by every
+    product (``deqref.cell.Linearization``)."""
+
+    def __init__(self, layer: "Layer", h, x, s):
+        self.layer, self.h, self.x, self.s = layer, h, x, s       # s (n, d)
+
+    def vjp_h(self, v):
+        """∂F/∂h · v = (v ⊙ s) W   # (n, d)"""
+        return (v * self.s) @ self.layer.W
+
+    def vjp_x(self, v):
+        """∂F/∂x · v = (v ⊙ s) U   # (n, d_x)"""
+        return (v * self.s) @ self.layer.U
+
+    def vjp_theta(self, v) -> dict:
+        """Σ over the batch of ∂F/∂θ · v: with r = v ⊙ s, {W: rᵀ h, U: rᵀ x, b: Σ_rows r}."""
+        r = v * self.s                                                # (n, d)
+        return {"W": r.T @ self.h, "U": r.T @ self.x, "b": self.layer.xp.sum(r, axis=0)}
+
+    def jvp_h(self, u):
+        """J_h u = s ⊙ (u Wᵀ)   # (n, d)"""
+        return self.s * (u @ self.layer.W.T)
+
+
 class Layer:
-    """F(h, x; θ) = σ(W h + U x + b), batched over rows.
+    """F(h, x; θ) = σ(W h + U x + b), batched over rows: the dense cell (``deqref.cell``).
 
     Parameters
     ----------
@@ -75,6 +106,8 @@ class Layer:
     b : (d,) array        bias
     activation : str      one of ``ACTIVATIONS``
     """
+
+    PARAMS = ("W", "U", "b")
 
     def __init__(self, W, U, b, activation: str = "tanh"):
         self.activation = check_activation(activation)
@@ -150,6 +183,18 @@ class Layer:
         p = self.unflatten(theta)
         return Layer(p["W"], p["U"], p["b"], self.activation)
 
+    def params(self) -> dict:
+        return {"W": self.W, "U": self.U, "b": self.b}
+
+    def with_params(self, params: dict) -> "Layer":
+        """The same activation with parameters ``{"W", "U", "b"}``."""
+        return Layer(params["W"], params["U"], params["b"], self.activation)
+
+    def project(self, bound: float) -> "Layer":
+        """W scaled onto ‖W‖₂ ≤ ``bound`` (unchanged where it already is): with |σ′| ≤ 1, F is
+        then a ``bound``-contraction in h, so its fixed point exists and is unique."""
+        return self.with_params({**self.params(), "W": project_spectral(self.W, bound)})
+
     def to_numpy(self) -> dict:
         return {"W": to_numpy(self.W), "U": to_numpy(self.U), "b": to_numpy(self.b),
                 "activation": self.activation}
@@ -220,6 +265,32 @@ class Layer:
         c = self.input_injection(x)                      # (n, d)
         W, dsigma, xp = self.W, self._dsigma, self.xp
         return lambda h: dsigma(xp, h @ W.T + c)        # (n, d)
+
+    def bind_linear(self, x):
+        """h ↦ (F(h, x), its ``DenseLinearization``), from one pre-activation a = h Wᵀ + x Uᵀ + b
+        with x Uᵀ + b computed once (as in ``bind``)."""
+        value_and_prime = self.bind_with_prime(x)
+
+        def value_and_linearization(h):
+            f, s = value_and_prime(h)
+            return f, DenseLinearization(self, h, x, s)
+        return value_and_linearization
+
+    def linearize(self, h, x) -> DenseLinearization:
+        """F's derivatives at (h, x) as products (``deqref.cell``): σ′(a) once, shared."""
+        return DenseLinearization(self, h, x, self.sigma_prime(h, x))
+
+    def jacobian_norm_bound(self, h, x):
+        """A host (n,) upper bound of ‖∂F/∂h‖₂ per sample: max_i |σ′(a_i)| · ‖W‖₂, since
+        ∂F/∂h = (diag(σ′) W)ᵀ. None for a subclass that redefines F's Jacobian (the bound is
+        this class's)."""
+        if any(getattr(type(self), m) is not getattr(Layer, m)
+               for m in ("dF_dh", "jacobian_h", "sigma_prime")):
+            return None
+        xp = self.xp
+        w = float(to_numpy(xp.linalg.matrix_norm(self.W, ord=2)))                    # ‖W‖₂
+        s = to_numpy(xp.max(xp.abs(self.sigma_prime(h, x)), axis=1))                # (n,)
+        return np.asarray(s, dtype=np.float64) * w
 
     def sigma_prime(self, h, x):
         """s = σ'(a) at a = h Wᵀ + x Uᵀ + b   # (n, d)"""

@@ -30,7 +30,7 @@ from .checks import check_bool, check_choice, check_int, check_optional_int, che
 from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output, shared_unrolls
 from .gradients import base as gradient_base
 from .heads import LinearHead, cross_entropy, mse
-from .layers import Layer
+from .layers import Layer, project_spectral
 from .solvers import SOLVERS, ConvergenceWarning, solve, solver_options
 from .theory import cosine, epsilon
 
@@ -262,12 +262,6 @@ def evaluate(model: DEQModel, x, y, task: str, cfg: TrainConfig) -> dict:
             "converged": float(res.converged.mean()), "unconverged": int((~res.converged).sum())}
 
 
-def _project_spectral(W, bound):
-    """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound (the spectral normalization of the synthetic setting)."""
-    s = float(namespace(W=W).linalg.matrix_norm(W, ord=2))
-    return W * (bound / s) if s > bound else W
-
-
 class _Recorded:
     """Calls whose ``ConvergenceWarning``s are recorded instead of shown, so a run does not print
     one warning per batch; ``train`` counts them and warns once at the end. Every other warning
@@ -473,7 +467,7 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
                 grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
                 new = opt.step(model.params(), grads)
                 if cfg.spectral_norm is not None:
-                    new["W"] = _project_spectral(new["W"], cfg.spectral_norm)
+                    new["W"] = project_spectral(new["W"], cfg.spectral_norm)
                 t3 = time.perf_counter()
                 bad = _not_finite(new)                                 # not timed
                 if bad:

@@ -1,0 +1,116 @@
+"""What a cell is: the one interface every solver, estimator, theory checker and trainer uses.
+
+A *cell* is the map F(h, x; θ) of an implicit model, batched over n samples. Whatever its inside
+(a dense layer, a graph layer, a convolution), it shows the rest of deqref the same face:
+
+- **state and input as rows.** ``h`` is (n, d) and ``x`` is (n, d_x): one row per sample, each
+  the cell's state or input flattened in an order the cell documents (the graph cell: vec(H)
+  column by column). Solvers, estimators and their per-sample stop tests see only rows.
+- **θ as one vector.** ``cell.theta`` is (d_θ,), the parameters flattened in the order of
+  ``cell.PARAMS`` (each one row-major); ``unflatten`` / ``flatten`` go between it and the dict
+  ``{name: array}``; ``with_theta`` / ``with_params`` give the same cell with other parameters.
+- **Jacobians in the paper's layout** (denominator layout, Geng et al.; ``docs/conventions.md``):
+  ``dF_dh`` (n, d, d) with [j, i] = ∂F_i/∂h_j, ``dF_dtheta`` (n, d_θ, d), ``dF_dx`` (n, d_x, d),
+  per sample. They are for small problems (the matrix forms, the oracle, the tests).
+- **products that never form them.** ``linearize(h, x)`` returns a :class:`Linearization` at
+  (h, x), which holds whatever the products share (σ′ of the pre-activation, say) and gives
+      ``vjp_h(v)``     = ∂F/∂h · v per sample        (n, d)
+      ``vjp_x(v)``     = ∂F/∂x · v per sample        (n, d_x)
+      ``vjp_theta(v)`` = Σ_samples ∂F/∂θ · v as a dict of parameter-shaped arrays
+      ``jvp_h(u)``     = (∂F/∂h)ᵀ · u per sample     (n, d)   (standard layout J_h u)
+  ``bind(x)`` is F(·, x) with the work that depends on x alone done once (a solver calls it
+  many times at one x); ``bind_linear(x)`` is h ↦ (F(h, x), linearize(h, x)) from one
+  evaluation (what an unrolled step keeps for its reverse pass).
+- **its own checks.** ``check_inputs(x=..., **named_states)`` validates x (n, d_x) and named
+  (n, d) arrays (backend, dtype, shapes, n ≥ 1) with one-line errors naming the argument.
+- **a bound when it knows one.** ``jacobian_norm_bound(h, x)``: a host (n,) upper bound of
+  ‖∂F/∂h‖₂ per sample, or None. Estimators that invert I − ∂F/∂h use it to skip an SVD.
+- **well-posedness.** ``project(bound)`` returns the cell with its parameters moved onto the set
+  where its own well-posedness condition holds with margin ``bound`` < 1 (the dense layer:
+  ‖W‖₂ ≤ bound; the graph cell: ‖W‖∞ λ_pf(Â) ≤ bound), as a trainer calls it after each step.
+
+Attributes every cell has: ``d``, ``d_x``, ``d_theta``, ``dtype`` (a name), ``backend``, ``xp``
+(the backend's array namespace), ``PARAMS`` (names in θ's order).
+
+``check_cell(obj)`` says in one line what an object lacks to be a cell. Adding a cell needs no
+change in ``deqref.solvers`` or ``deqref.gradients``: they use only the names above.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+CELL_ATTRIBUTES = ("d", "d_x", "d_theta", "dtype", "backend", "xp", "PARAMS", "theta")
+CELL_METHODS = ("check_inputs", "__call__", "bind", "bind_linear", "linearize", "dF_dh",
+                "dF_dtheta", "dF_dx", "unflatten", "flatten", "with_theta", "params",
+                "with_params", "jacobian_norm_bound", "project")
+
+
+@runtime_checkable
+class Linearization(Protocol):
+    """F's derivatives at one (h, x), products only (see the module docstring)."""
+
+    def vjp_h(self, v): ...
+
+    def vjp_x(self, v): ...
+
+    def vjp_theta(self, v) -> dict: ...
+
+    def jvp_h(self, u): ...
+
+
+class Cell(Protocol):
+    """The interface of the module docstring, for type checkers and readers."""
+
+    d: int
+    d_x: int
+    d_theta: int
+    dtype: str
+    PARAMS: tuple
+
+    def check_inputs(self, x=..., **vectors) -> None: ...
+
+    def __call__(self, h, x): ...
+
+    def bind(self, x) -> Callable: ...
+
+    def bind_linear(self, x) -> Callable: ...
+
+    def linearize(self, h, x) -> Linearization: ...
+
+    def dF_dh(self, h, x): ...
+
+    def dF_dtheta(self, h, x): ...
+
+    def dF_dx(self, h, x): ...
+
+    def unflatten(self, theta) -> dict: ...
+
+    def flatten(self, params: dict): ...
+
+    def with_theta(self, theta) -> "Cell": ...
+
+    def params(self) -> dict: ...
+
+    def with_params(self, params: dict) -> "Cell": ...
+
+    def jacobian_norm_bound(self, h, x): ...
+
+    def project(self, bound: float) -> "Cell": ...
+
+
+def missing(obj) -> list:
+    """The names of the interface that ``obj`` lacks."""
+    return [n for n in CELL_ATTRIBUTES + CELL_METHODS if not hasattr(obj, n)]
+
+
+def is_cell(obj) -> bool:
+    return not missing(obj)
+
+
+def check_cell(obj, name: str = "layer") -> None:
+    """Refuse, in one line naming the argument, an object that is not a cell."""
+    lacks = missing(obj)
+    if lacks:
+        shown = ", ".join(lacks[:4]) + (", ..." if len(lacks) > 4 else "")
+        raise ValueError(f"{name} must be a deqref cell (Layer, GraphCell, ...: see deqref.cell), "
+                         f"got {type(obj).__name__} without {shown}")
