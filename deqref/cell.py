@@ -98,6 +98,25 @@ class Cell(Protocol):
     def project(self, bound: float) -> "Cell": ...
 
 
+def vjp_sum(cell, terms, scale: float = 1.0):
+    """(Σ_t scale · ∂F/∂θ|_{h_t} v_t as a dict, Σ_t scale · ∂F/∂x|_{h_t} v_t  # (n, d_x)) over
+    ``terms`` = [(linearization at h_t, v_t), ...], summed in the order given.
+
+    A cell may define ``vjp_sum(terms, scale)`` to share work between the terms (the dense layer
+    takes its U and b terms once from Σ_t v_t ⊙ σ′_t); otherwise each term's ``vjp_theta`` and
+    ``vjp_x`` are added up. This is the reverse pass of unrolled steps (UPG, BPTT)."""
+    own = getattr(cell, "vjp_sum", None)
+    if own is not None:
+        return own(terms, scale)
+    grads = grad_x = None
+    for lin, v in terms:
+        g, gx = lin.vjp_theta(v), lin.vjp_x(v)
+        grads = ({k: scale * a for k, a in g.items()} if grads is None
+                 else {k: grads[k] + scale * g[k] for k in grads})
+        grad_x = scale * gx if grad_x is None else grad_x + scale * gx
+    return grads, grad_x
+
+
 def missing(obj) -> list:
     """The names of the interface that ``obj`` lacks."""
     return [n for n in CELL_ATTRIBUTES + CELL_METHODS if not hasattr(obj, n)]

@@ -239,12 +239,15 @@ class Layer:
         return self._sigma(self.xp, self.preactivation(h, x))
 
     def bind(self, x):
-        """F(·, x) as a function of h alone: ``layer.bind(x)(h) == layer(h, x)``.
+        """F(·, x) as a function of h alone: ``layer.bind(x)(h) == layer(h, x)`` (a subclass that
+        redefines ``__call__`` gets its own F).
 
         The input injection c = x Uᵀ + b does not depend on h, so a solver that calls F many
         times at one x computes it once here (with d_x ≈ d that halves the work per call). The
         sum is taken in ``preactivation``'s order, so the values are the same to the last bit.
         """
+        if type(self).__call__ is not Layer.__call__:
+            return lambda h: self(h, x)
         c = self.input_injection(x)                      # (n, d)
         W, sigma, xp = self.W, self._sigma, self.xp
         return lambda h: sigma(xp, h @ W.T + c)          # σ(h Wᵀ + x Uᵀ + b)   (n, d)
@@ -268,7 +271,10 @@ class Layer:
 
     def bind_linear(self, x):
         """h ↦ (F(h, x), its ``DenseLinearization``), from one pre-activation a = h Wᵀ + x Uᵀ + b
-        with x Uᵀ + b computed once (as in ``bind``)."""
+        with x Uᵀ + b computed once (as in ``bind``); a subclass that redefines ``__call__`` or
+        ``sigma_prime`` gets its own."""
+        if type(self).__call__ is not Layer.__call__ or type(self).sigma_prime is not Layer.sigma_prime:
+            return lambda h: (self(h, x), self.linearize(h, x))
         value_and_prime = self.bind_with_prime(x)
 
         def value_and_linearization(h):
@@ -279,6 +285,20 @@ class Layer:
     def linearize(self, h, x) -> DenseLinearization:
         """F's derivatives at (h, x) as products (``deqref.cell``): σ′(a) once, shared."""
         return DenseLinearization(self, h, x, self.sigma_prime(h, x))
+
+    def vjp_sum(self, terms, scale: float = 1.0):
+        """Σ_t scale · ∂F/∂θ|_{h_t} v_t and Σ_t scale · ∂F/∂x|_{h_t} v_t (``deqref.cell.vjp_sum``).
+
+        With r_t = scale · (v_t ⊙ s_t), step t contributes (r_tᵀ h_t, r_tᵀ x, Σ_rows r_t) for
+        (W, U, b) and r_t U for x: only the W term depends on h_t, so the others are taken once
+        from Σ_t r_t."""
+        grad_W = r_sum = None
+        for lin, v in terms:
+            r = scale * (v * lin.s)                                   # r_t   (n, d)
+            grad_W = r.T @ lin.h if grad_W is None else grad_W + r.T @ lin.h     # (d, d)
+            r_sum = r if r_sum is None else r_sum + r
+        x = terms[0][0].x
+        return {"W": grad_W, "U": r_sum.T @ x, "b": self.xp.sum(r_sum, axis=0)}, r_sum @ self.U
 
     def jacobian_norm_bound(self, h, x):
         """A host (n,) upper bound of ‖∂F/∂h‖₂ per sample: max_i |σ′(a_i)| · ‖W‖₂, since

@@ -30,7 +30,8 @@ from .checks import check_bool, check_choice, check_int, check_optional_int, che
 from .gradients import ESTIMATORS, estimate, estimator_options, implicit_dense, output, shared_unrolls
 from .gradients import base as gradient_base
 from .heads import LinearHead, cross_entropy, mse
-from .layers import Layer, project_spectral
+from .cell import check_cell
+from .layers import Layer
 from .solvers import SOLVERS, ConvergenceWarning, solve, solver_options
 from .theory import cosine, epsilon
 
@@ -40,14 +41,19 @@ TASKS = ("regression", "classification")
 
 # ---------------------------------------------------------------- the model
 class DEQModel:
-    """An implicit layer and a linear head. Parameters: W, U, b (layer) and V, c (head)."""
+    """An implicit cell and a linear head. Parameters: the cell's (``cell.PARAMS``; W, U, b for
+    the dense ``Layer``) and the head's V, c, in one flat dict."""
 
-    def __init__(self, layer: Layer, head: LinearHead):
-        if not isinstance(layer, Layer):
-            raise TypeError(f"layer must be a deqref.layers.Layer, got {type(layer).__name__}")
+    HEAD_PARAMS = ("V", "c")
+
+    def __init__(self, layer, head: LinearHead):
+        check_cell(layer)
         if not isinstance(head, LinearHead):
             raise TypeError(f"head must be a deqref.heads.LinearHead, got {type(head).__name__}")
-        namespace(W=layer.W, V=head.V)           # one backend and one dtype for all parameters
+        clash = sorted(set(layer.PARAMS) & set(self.HEAD_PARAMS))
+        if clash:
+            raise ValueError(f"layer: parameter name(s) {clash} are the head's; rename them")
+        namespace(theta=layer.theta, V=head.V)   # one backend and one dtype for all parameters
         if head.d != layer.d:
             raise ValueError(f"head: expects d = {head.d} inputs but the layer has d = {layer.d}")
         self.layer, self.head = layer, head
@@ -61,15 +67,17 @@ class DEQModel:
                    LinearHead.random(d, q, seed=seed + 7919, dtype=dtype, backend=be))
 
     def params(self) -> dict:
-        return {"W": self.layer.W, "U": self.layer.U, "b": self.layer.b,
-                "V": self.head.V, "c": self.head.c}
+        return {**self.layer.params(), "V": self.head.V, "c": self.head.c}
 
     def set_params(self, p: dict) -> None:
-        self.layer = Layer(p["W"], p["U"], p["b"], self.layer.activation)
+        self.layer = self.layer.with_params({k: p[k] for k in self.layer.PARAMS})
         self.head = LinearHead(p["V"], p["c"])
 
     def save(self, path) -> None:
-        """npz with W, U, b, V, c and the activation as a string array (no pickle)."""
+        """npz with W, U, b, V, c and the activation as a string array (no pickle); the dense
+        ``Layer`` only."""
+        if not isinstance(self.layer, Layer):
+            raise TypeError(f"save: writes a model with a dense Layer, not a {type(self.layer).__name__}")
         arrays = {k: to_numpy(v) for k, v in self.params().items()}
         np.savez(path, activation=np.array(self.layer.activation), **arrays)
 
@@ -145,7 +153,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int | None = 64
     seed: int = 0
-    spectral_norm: float | None = None    # project ‖W‖₂ ≤ this after every update (None: off)
+    spectral_norm: float | None = None    # cell.project(this) after every update: ‖W‖₂ ≤ it for
+                                          # the dense layer (None: off)
     track_cosine: bool = False            # cos(estimator's ∂L/∂θ, exact) at every step
     # {name: options}: cos(probe, exact) per step; "upg@k10" runs "upg" under its own label
     probes: dict = field(default_factory=dict)
@@ -321,7 +330,7 @@ def _check_data(model: DEQModel, data) -> None:
     if not isinstance(model, DEQModel):
         raise TypeError(f"model must be a deqref.train.DEQModel, got {type(model).__name__}")
     check_choice("data.task", getattr(data, "task", None), TASKS)
-    namespace(W=model.layer.W, x_train=data.x_train, x_val=data.x_val)
+    namespace(theta=model.layer.theta, x_train=data.x_train, x_val=data.x_val)
     for name, x in (("data.x_train", data.x_train), ("data.x_val", data.x_val)):
         if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != model.layer.d_x:
             raise ValueError(f"{name} must have shape (n >= 1, {model.layer.d_x}) for this model "
@@ -464,14 +473,17 @@ def train(model: DEQModel, data, cfg: TrainConfig) -> dict:
                 except FloatingPointError as err:                     # a non-finite estimate
                     raise _diverged(hist, epoch, i, str(err), cfg) from err
                 t2 = time.perf_counter()
-                grads = {"W": est.W, "U": est.U, "b": est.b, **head_grads}
+                grads = {**est.grads, **head_grads}
                 new = opt.step(model.params(), grads)
-                if cfg.spectral_norm is not None:
-                    new["W"] = project_spectral(new["W"], cfg.spectral_norm)
                 t3 = time.perf_counter()
                 bad = _not_finite(new)                                 # not timed
                 if bad:
                     raise _diverged(hist, epoch, i, f"the updated parameter(s) {bad} are not finite", cfg)
+                if cfg.spectral_norm is not None:            # the cell's well-posedness projection
+                    t_proj = time.perf_counter()
+                    cell = layer.with_params({k: new[k] for k in layer.PARAMS}).project(cfg.spectral_norm)
+                    new.update(cell.params())
+                    t3 += time.perf_counter() - t_proj
                 flags = _flags(est, warned + warned_est, res)
                 unconverged = int((~res.converged).sum())
                 count["forward_unconverged"] += unconverged

@@ -247,7 +247,7 @@ def test_plain_callable_needs_h0(be, arr):
         solve(lambda h, x: 0.5 * h + x, arr(np.ones((3, 5))))
     with pytest.raises(ValueError, match=r"F\(h0, x\) must return an array of the shape of h0"):
         solve(lambda h, x: h[:, :2], arr(np.ones((3, 5))), arr(np.ones((3, 5))))
-    with pytest.raises(TypeError, match="layer must be a deqref Layer or a callable"):
+    with pytest.raises(TypeError, match="layer must be a deqref cell or a callable"):
         solve("tanh", arr(np.ones((3, 5))), arr(np.ones((3, 5))))
 
 

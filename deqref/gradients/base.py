@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import backend_of, dtype_name, eps, to_numpy
+from ..cell import check_cell
 from ..checks import check_choice, check_finite, check_int
 from ..numerics import pow2_exponent
 from ..solvers import ConvergenceWarning, SolverResult
@@ -57,10 +58,10 @@ def check_k(k, name: str = "k") -> int:
 
 
 def check_arrays(layer, x, **arrays) -> None:
-    """x (n, d_x) and the named (n, d) ``arrays`` are arrays of the layer's backend and dtype,
-    with n >= 1 and no NaN or infinity (errors name the argument)."""
-    if not callable(getattr(layer, "check_inputs", None)):
-        raise ValueError(f"layer must be a deqref Layer, got {type(layer).__name__}")
+    """``layer`` is a cell (``deqref.cell``); x (n, d_x) and the named (n, d) ``arrays`` are
+    arrays of its backend and dtype, with n >= 1 and no NaN or infinity (errors name the
+    argument)."""
+    check_cell(layer)
     for name, a in (("x", x), *arrays.items()):
         if a is None:
             raise ValueError(f"{name} must be an array, got None")
@@ -182,18 +183,18 @@ class Gradient:
 
     Attributes
     ----------
-    W, U, b : the parameter gradients, summed over the batch: (d, d), (d, d_x), (d,)
+    grads : the parameter gradients, summed over the batch, by the cell's parameter names
+        (``cell.PARAMS``); each is also an attribute: for the dense layer ``W`` (d, d),
+        ``U`` (d, d_x), ``b`` (d,)
     x : (n, d_x) per-sample ∂L/∂x
-    theta : (d_θ,) the parameter gradient flattened as [vec(W), vec(U), b]
+    theta : (d_θ,) the parameter gradient flattened in the cell's θ order (``cell.flatten``)
     name : estimator name;  options : the options it ran with
     diagnostics : counts of VJPs / matrix products, residual traces, ...
     flags : one line per problem found (forward solve not converged, adjoint not converged
         or diverged); each was also issued as a ``ConvergenceWarning``
     """
 
-    W: object
-    U: object
-    b: object
+    grads: dict
     x: object
     theta: object
     name: str
@@ -206,8 +207,14 @@ class Gradient:
         """No flag: the forward (and any inner) solve converged and nothing diverged."""
         return not self.flags
 
+    def __getattr__(self, name):          # only for names that are not fields: the parameters
+        grads = self.__dict__.get("grads")
+        if grads is not None and name in grads:
+            return grads[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def params(self) -> dict:
-        return {"W": self.W, "U": self.U, "b": self.b}
+        return dict(self.grads)
 
 
 def _check_output(name, theta, grad_x, grad_h, flags) -> None:
@@ -247,7 +254,7 @@ def make_gradient(layer, grads: dict, grad_x, name, options, diagnostics, *, gra
     _check_output(name, theta, grad_x, grad_h, flags)
     for f in flags:
         warnings.warn(f, ConvergenceWarning, stacklevel=_caller_level())
-    return Gradient(W=grads["W"], U=grads["U"], b=grads["b"], x=grad_x, theta=theta, name=name,
+    return Gradient(grads=dict(grads), x=grad_x, theta=theta, name=name,
                     options=options, diagnostics=diagnostics, flags=tuple(flags))
 
 

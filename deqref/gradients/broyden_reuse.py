@@ -60,7 +60,7 @@ def gdeq(layer, x, result, grad_h, *, form: str = "vector",
         diag.update(A=A, A_x=A_x)
         return make_gradient(layer, layer.unflatten(theta), (A_x @ grad_h[:, :, None])[:, :, 0],
                              "gdeq", opts, diag, grad_h=grad_h, result=result)
-    s = layer.sigma_prime(h, x)
+    lin = layer.linearize(h, x)                                        # F's derivatives at h*
     diag["n_vjp"] = 2
-    return make_gradient(layer, layer.vjp_theta(h, x, y, s), layer.vjp_x(h, x, y, s), "gdeq",
+    return make_gradient(layer, lin.vjp_theta(y), lin.vjp_x(y), "gdeq",
                          opts, diag, grad_h=grad_h, result=result)

@@ -29,7 +29,6 @@ import numpy as np
 
 from ..backend import eps, to_numpy
 from ..checks import check_bool, check_choice, check_int, check_real
-from ..layers import Layer
 from ..solvers import solve
 from ..checks import check_lam
 from .base import (Gradient, InnerSolve, check_arrays, check_call, check_form, check_k,
@@ -40,23 +39,13 @@ METHODS = ("broyden", "fixed_point")
 ADJOINT_OPTIONS = {"broyden": ("m",), "fixed_point": ("lam",)}   # each adjoint solver's own
 
 
-def _jacobian_bound(layer, x, h_star):
-    """b_i = max_j |σ'_ij| ‖W‖₂ ≥ ‖∂F/∂h‖₂ per sample, for a layer whose ∂F/∂h is Layer's
-    (diag(σ') W)ᵀ; None for any other   # (n,) host"""
-    plain = isinstance(layer, Layer) and all(
-        getattr(type(layer), m) is getattr(Layer, m) for m in ("dF_dh", "jacobian_h", "sigma_prime"))
-    if not plain:
-        return None
-    xp = layer.xp
-    w = float(to_numpy(xp.linalg.matrix_norm(layer.W, ord=2)))                  # ‖W‖₂
-    s = to_numpy(xp.max(xp.abs(layer.sigma_prime(h_star, x)), axis=1))         # (n,)
-    return np.asarray(s, dtype=np.float64) * w
-
-
 def _system(layer, x, h_star):
-    """I − ∂F/∂h at h* per sample, refused where (nearly) singular   # (n, d, d)"""
+    """I − ∂F/∂h at h* per sample, refused where (nearly) singular   # (n, d, d)
+
+    The cell's ``jacobian_norm_bound`` (b ≥ ‖∂F/∂h‖₂ per sample, or None) lets samples with a
+    small b skip the SVD of the check (``base.check_nonsingular``)."""
     A = layer.xp.eye(layer.d, dtype=h_star.dtype) - layer.dF_dh(h_star, x)
-    check_nonsingular("implicit_dense", A, _jacobian_bound(layer, x, h_star))
+    check_nonsingular("implicit_dense", A, layer.jacobian_norm_bound(h_star, x))
     return A
 
 
@@ -86,8 +75,8 @@ def _dense(layer, x, h_star, grad_h, matrix, options, result) -> Gradient:
                              {"A": A, "A_x": A_x, "dense_solves": 2 * IJ.shape[0]},
                              grad_h=grad_h, result=result)
     y = _adjoint(layer, x, h_star, grad_h)                               # (n, d)
-    grads = layer.vjp_theta(h_star, x, y)
-    grad_x = layer.vjp_x(h_star, x, y)
+    lin = layer.linearize(h_star, x)
+    grads, grad_x = lin.vjp_theta(y), lin.vjp_x(y)
     n = h_star.shape[0]
     return make_gradient(layer, grads, grad_x, "implicit_dense", options,
                          {"dense_solves": n, "n_vjp": 2}, grad_h=grad_h, result=result)
@@ -117,20 +106,16 @@ def implicit_exact(layer, x, result, grad_h, *, form: str = "vector") -> Gradien
 class AdjointMap:
     """y ↦ ∂F/∂h|_{h*} · y + g, the map whose fixed point is y = (I − ∂F/∂h)⁻¹ g.
 
-    It looks like a layer to the forward solvers (call with (y, x), ``check_inputs``,
-    ``xp``, ``backend``, ``d``), so the same fixed-point and Broyden code solves it.
+    It is a plain callable F(y, x) to the forward solvers, which start it from the given y_0
+    (zeros of g's shape when none), so the same fixed-point and Broyden code solves it.
     """
 
     def __init__(self, layer, x, h_star, g):
         self.layer, self.x, self.h_star, self.g = layer, x, h_star, g
-        self.xp, self.backend, self.d = layer.xp, layer.backend, layer.d
-        self.s = layer.sigma_prime(h_star, x)                # σ' at h*, computed once
-
-    def check_inputs(self, x=None, **vectors):
-        self.layer.check_inputs(x=x, **vectors)
+        self.lin = layer.linearize(h_star, x)               # F's derivatives at h*, once
 
     def __call__(self, y, _x):
-        return self.layer.vjp_h(self.h_star, self.x, y, self.s) + self.g
+        return self.lin.vjp_h(y) + self.g
 
 
 def _adjoint_options(method, form, n_iter, tol, options) -> dict:
@@ -161,10 +146,10 @@ def _neumann_residuals(layer, x, h, g, n_iter) -> list:
     y_{t+1} − y_t = (∂F/∂h)^t g, recorded for t = 1 … K as the vector form does (which starts at
     y_1 = g; for K = 1 it starts at y_0 = 0, t = 0, 1)   # n host arrays"""
     xp = layer.xp
-    s = layer.sigma_prime(h, x)                                          # (n, d)
+    lin = layer.linearize(h, x)
     v, rows = g, ([xp.sqrt(xp.vecdot(g, g, axis=-1))] if n_iter == 1 else [])
     for _ in range(n_iter):
-        v = layer.vjp_h(h, x, v, s)                                      # (∂F/∂h)^t g
+        v = lin.vjp_h(v)                                                 # (∂F/∂h)^t g
         rows.append(xp.sqrt(xp.vecdot(v, v, axis=-1)))
     return list(to_numpy(xp.stack(rows, axis=1)))                       # n × (K,)
 
@@ -215,7 +200,7 @@ def implicit_iterative(layer, x, result, grad_h, *, method: str = "broyden", n_i
         lam = solver_options.get("lam", 1.0)
         y0, max_iter = (g if lam == 1.0 else lam * g), n_iter - 1
     else:
-        y0, max_iter = None, n_iter
+        y0, max_iter = xp.zeros_like(g), n_iter
     adj = solve(amap, x, y0, method=method, tol=tol,
                 max_iter=max_iter, stall_iter=None, warn=False, **solver_options)
     inner = InnerSolve(who, adj.abs_residual, adj.converged, adj.stop_reason, tol,
@@ -228,6 +213,6 @@ def implicit_iterative(layer, x, result, grad_h, *, method: str = "broyden", n_i
         theta = xp.sum((layer.dF_dtheta(h, x) @ y[:, :, None])[:, :, 0], axis=0)
         grads, grad_x = layer.unflatten(theta), (layer.dF_dx(h, x) @ y[:, :, None])[:, :, 0]
     else:
-        grads, grad_x = layer.vjp_theta(h, x, y, amap.s), layer.vjp_x(h, x, y, amap.s)
+        grads, grad_x = amap.lin.vjp_theta(y), amap.lin.vjp_x(y)
     return make_gradient(layer, grads, grad_x, "implicit", opts, diag, grad_h=grad_h,
                          result=result, inner=inner)

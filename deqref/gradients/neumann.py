@@ -43,12 +43,12 @@ def _neumann(layer, x, h, grad_h, k, lam, form):
         theta = xp.sum((A @ grad_h[:, :, None])[:, :, 0], axis=0)
         grad_x = (A_x @ grad_h[:, :, None])[:, :, 0]
         return layer.unflatten(theta), grad_x, {"A": A, "A_x": A_x, "n_matmul": k + 1}
-    s = layer.sigma_prime(h, x)                                      # σ' at h*, reused
+    lin = layer.linearize(h, x)                                      # at h*, shared by every VJP
     g_hat = grad_h
     for _ in range(k - 1):                                           # ĝ ← g + B ĝ
-        g_hat = grad_h + lam * layer.vjp_h(h, x, g_hat, s) + (1.0 - lam) * g_hat
-    grads = {key: lam * v for key, v in layer.vjp_theta(h, x, g_hat, s).items()}
-    grad_x = lam * layer.vjp_x(h, x, g_hat, s)
+        g_hat = grad_h + lam * lin.vjp_h(g_hat) + (1.0 - lam) * g_hat
+    grads = {key: lam * v for key, v in lin.vjp_theta(g_hat).items()}
+    grad_x = lam * lin.vjp_x(g_hat)
     return grads, grad_x, {"n_vjp": k + 1}
 
 

@@ -14,6 +14,8 @@ where h_{t+1} = λ F(h_t) + (1 − λ) h_t and Π_{s=t+1}^{T−1} M_s = M_{t+1} 
 
 The vector form is reverse-mode through the steps: v = g; for t = T−1, …, 0:
 grad_θ += λ ∂F/∂θ|_{h_t} v, grad_x += λ ∂F/∂x|_{h_t} v, then v ← M_t v — one VJP per step.
+The sums over t of the θ- and x-VJPs are left to the cell (``deqref.cell.vjp_sum``), which may
+share work between the terms (the dense layer takes its U and b terms once).
 
 References
 ----------
@@ -26,19 +28,10 @@ import contextvars
 
 import numpy as np
 
-from ..layers import Layer
+from ..cell import vjp_sum
 from ..checks import check_lam
 from .base import (Gradient, check_call, check_form, check_k, check_result,
                    make_gradient)
-
-
-def _bound(layer, x):
-    """(h ↦ (F(h, x), σ'), h ↦ σ') at this x: a plain ``Layer``'s bound forms (x Uᵀ computed
-    once, ``Layer.bind_with_prime`` / ``bind_prime``), else its ``__call__`` and ``sigma_prime``."""
-    if (isinstance(layer, Layer) and type(layer).__call__ is Layer.__call__
-            and type(layer).sigma_prime is Layer.sigma_prime):
-        return layer.bind_with_prime(x), layer.bind_prime(x)
-    return (lambda h: (layer(h, x), layer.sigma_prime(h, x))), (lambda h: layer.sigma_prime(h, x))
 
 
 _LAST_UNROLL = contextvars.ContextVar("deqref_last_unroll", default=None)
@@ -61,17 +54,18 @@ def shared_unrolls():
 def unroll(layer, x, h0, k: int, lam: float, *, primes: bool = False):
     """States [h_0, …, h_k] of h_{t+1} = λ F(h_t, x) + (1 − λ) h_t (Eq. 13)   # k+1 × (n, d)
 
-    ``primes=True`` returns ``(hs, ss)`` with ss[t] = σ' at h_t (t < k) from the same
-    pre-activation as F(h_t) — what Algorithm 1's autograd graph keeps for the backward.
+    ``primes=True`` returns ``(hs, lins)`` with lins[t] the cell's linearization at h_t (t < k),
+    from the same evaluation as F(h_t) (``bind_linear``) — what Algorithm 1's autograd graph
+    keeps for the backward.
     """
     last, key = _LAST_UNROLL.get(), (id(layer), id(x), id(h0), k, lam)
     if last is not None and last[0] is not None and last[0][0] == key:    # see shared_unrolls
         hs, ss = list(last[0][2]), list(last[0][3])
         return (hs, ss) if primes else hs
-    F_and_prime = _bound(layer, x)[0]
+    F_and_lin = layer.bind_linear(x)
     hs, ss = [h0], []
     for _ in range(k):
-        F_t, s_t = F_and_prime(hs[-1])                               # (n, d), (n, d)
+        F_t, s_t = F_and_lin(hs[-1])                                 # (n, d), linearization
         hs.append(lam * F_t + (1.0 - lam) * hs[-1])
         ss.append(s_t)
     if last is not None:                 # the objects are kept so that their ids stay theirs
@@ -79,33 +73,27 @@ def unroll(layer, x, h0, k: int, lam: float, *, primes: bool = False):
     return (hs, ss) if primes else hs
 
 
-def _reverse(layer, x, hs, grad_h, lam, steps, ss=None):
+def _reverse(layer, x, hs, grad_h, lam, steps, lins=None):
     """Vector form: reverse pass over states hs[0..T−1]; ``steps`` (n,) host ints say how
-    many of them each sample took (later steps are the identity for that sample); ``ss``:
-    σ' at those states if the forward kept them (else recomputed, one product per state).
+    many of them each sample took (later steps are the identity for that sample); ``lins``:
+    the cell's linearizations at those states if the forward kept them (else taken here).
 
-    With r_t = λ v_t ⊙ σ'(a_t), step t contributes λ ∂F/∂θ|_{h_t} v_t = (r_tᵀ h_t, r_tᵀ x,
-    Σ_rows r_t) for (W, U, b) and λ ∂F/∂x|_{h_t} v_t = r_t U (``Layer.vjp_theta``, ``vjp_x``).
-    Only the W term depends on h_t, so the others are taken once from Σ_t r_t.
+    Step t contributes λ ∂F/∂θ|_{h_t} v_t and λ ∂F/∂x|_{h_t} v_t; both sums over t are taken
+    after the pass by ``deqref.cell.vjp_sum`` (the cell may share work between the terms).
     """
     xp, be = layer.xp, layer.backend
     T = len(hs) - 1
-    prime = _bound(layer, x)[1] if ss is None else None
     masked = bool(np.any(steps < T))                                  # some sample stopped early
     v = grad_h                                                        # (n, d)
-    r_sum, grad_W = xp.zeros_like(grad_h), xp.zeros_like(layer.W)    # Σ_t r_t, Σ_t r_tᵀ h_t
+    terms = []                                                        # (linearization, v_t), t = T−1 … 0
     for t in range(T - 1, -1, -1):
-        s = prime(hs[t]) if ss is None else ss[t]                    # σ' at h_t   (n, d)
+        lin = layer.linearize(hs[t], x) if lins is None else lins[t]  # at h_t
         live = be.from_host(steps > t)[:, None] if masked else None  # (n, 1) step t taken
-        vt = v if live is None else xp.where(live, v, 0.0)
-        r = lam * (vt * s)                                            # r_t   (n, d)
-        grad_W = grad_W + r.T @ hs[t]                                 # (d, d)
-        r_sum = r_sum + r
+        terms.append((lin, v if live is None else xp.where(live, v, 0.0)))
         if t > 0:                                                     # v ← M_t v
-            Mv = lam * layer.vjp_h(hs[t], x, v, s) + (1.0 - lam) * v
+            Mv = lam * lin.vjp_h(v) + (1.0 - lam) * v
             v = Mv if live is None else xp.where(live, Mv, v)
-    grads = {"W": grad_W, "U": r_sum.T @ x, "b": xp.sum(r_sum, axis=0)}
-    return grads, r_sum @ layer.U                                     # (n, d_x)
+    return vjp_sum(layer, terms, lam)                                 # (grads, (n, d_x))
 
 
 def unrolled_matrices(layer, x, hs, lam, steps):

@@ -9,8 +9,8 @@ LAYER_ATTRIBUTES = ("check_inputs", "xp", "backend", "d")
 
 
 def is_layer_like(layer) -> bool:
-    """A ``deqref.layers.Layer`` or anything shaped like one (``AdjointMap``): it checks its
-    inputs and knows its namespace, backend and width d."""
+    """A cell (``deqref.cell``: a ``Layer``, ``GraphCell``, ...) or anything that, like one,
+    checks its inputs and knows its namespace, backend and width d."""
     return all(hasattr(layer, a) for a in LAYER_ATTRIBUTES)
 
 
@@ -40,7 +40,7 @@ def prepare(layer, x, h0, name, *, tol, atol, max_iter, norm, stall_iter, diverg
         if _is_array(x):
             check_finite("x", x)
     else:
-        raise TypeError(f"layer must be a deqref Layer or a callable F(h, x), got {type(layer).__name__}")
+        raise TypeError(f"layer must be a deqref cell or a callable F(h, x), got {type(layer).__name__}")
     check_finite("h0", h0)
     mon = Monitor(h0.shape[0], **opts, name=name, warn=warn)
     return xp, be, h0, mon, opts
@@ -55,8 +55,9 @@ def _is_array(a) -> bool:
 
 
 def bound(layer, x):
-    """h ↦ F(h, x): ``layer.bind(x)`` where the layer has it (input injection computed once)."""
-    from ..layers import Layer
-    if isinstance(layer, Layer) and type(layer).__call__ is Layer.__call__:   # not overridden
-        return layer.bind(x)
+    """h ↦ F(h, x): a cell's ``bind(x)`` (the work on x alone done once; ``deqref.cell``), or
+    the plain callable F(h, x) with x fixed."""
+    bind = getattr(layer, "bind", None)
+    if is_layer_like(layer) and callable(bind):
+        return bind(x)
     return lambda h: layer(h, x)

@@ -22,7 +22,8 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
 
     Parameters
     ----------
-    layer : a ``deqref.layers.Layer``, or a plain callable F(h, x) -> (n, d) (then h0 is required)
+    layer : a cell (``deqref.cell``: ``Layer``, ``GraphCell``, ...), or a plain callable
+        F(h, x) -> (n, d) (then h0 is required; x is passed to it unchanged, None allowed)
     x : (n, d_x) array;  h0 : (n, d) array or None (zeros; a layer only)
     lam : damping λ ∈ (0, 1] of Eq. (13); 1 gives plain iteration, Eq. (10)
     tol, atol : stop a sample once it has converged: r_abs ≤ atol, or r_abs ≤ tol · max(‖F(h)‖, s)
