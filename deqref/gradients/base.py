@@ -80,6 +80,7 @@ def _check_type(result) -> None:
 
 def check_result(layer, x, result) -> None:
     """``result`` is a ``SolverResult`` whose h, with x, passes ``check_arrays``."""
+    check_cell(layer)
     _check_type(result)
     check_arrays(layer, x, **{"result.h": result.h})
 
@@ -87,6 +88,7 @@ def check_result(layer, x, result) -> None:
 def check_call(layer, x, result, grad_h) -> None:
     """Validate an estimator's inputs before any work: ``check_result``, and ``grad_h`` (n, d)
     an array like ``result.h``, finite."""
+    check_cell(layer)
     _check_type(result)
     check_arrays(layer, x, **{"result.h": result.h, "grad_h": grad_h})
 
