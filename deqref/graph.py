@@ -366,12 +366,30 @@ class GraphCell:
 
     def project(self, bound: float) -> "GraphCell":
         """W's rows projected onto the ℓ1 ball of radius bound/λ_pf (IGNN's projection), so that
-        ‖W‖∞ λ_pf(Â) ≤ bound < 1; a W already there is returned unchanged."""
-        bound = check_real("bound", bound, lo=0, hi=1, lo_open=True, hi_open=True)
+        ‖W‖∞ λ_pf(Â) ≤ bound (well-posed for bound < 1); a W already there is returned unchanged."""
+        bound = check_real("bound", bound, lo=0, lo_open=True)
         lam = self.lambda_pf
         if lam == 0:                      # Â nilpotent: F does not depend on h through a cycle
             return self
         return self._same_graphs(project_l1_ball(self.W, bound / lam), self.Omega)
+
+    def vjp_sum(self, terms, scale: float = 1.0):
+        """Σ_t scale · ∂F/∂θ|_{h_t} v_t and Σ_t scale · ∂F/∂x|_{h_t} v_t (``deqref.cell.vjp_sum``),
+        over ``terms`` = [(GraphLinearization at h_t, v_t), ...] at one x.
+
+        With R_t = scale · (V_t ⊙ S_t): W gets Σ_t R_t (H_t Â)ᵀ; only that term depends on h_t,
+        so Ω's term (Σ_t R_t)(X Â)ᵀ and x's term vec(Ωᵀ (Σ_t R_t) Âᵀ) are taken once."""
+        xp, m, p = self.xp, self.m, self.p
+        grad_W = R_sum = None
+        for lin, v in terms:
+            Rt = scale * (self.nodes(v, m, "v") * lin.St)                # (n, N, m)  R_tᵀ
+            HAt = self.A_hatT @ lin.Ht                                   # (n, N, m)  (H_t Â)ᵀ
+            gW = xp.reshape(Rt, (-1, m)).T @ xp.reshape(HAt, (-1, m))    # (m, m)
+            grad_W = gW if grad_W is None else grad_W + gW
+            R_sum = Rt if R_sum is None else R_sum + Rt
+        XAt = self.A_hatT @ terms[0][0].Xt                               # (n, N, p)  (X Â)ᵀ
+        grad_Omega = xp.reshape(R_sum, (-1, m)).T @ xp.reshape(XAt, (-1, p))   # (m, p)
+        return {"W": grad_W, "Omega": grad_Omega}, self.rows(self.A_hat @ (R_sum @ self.Omega))
 
     def jacobian_norm_bound(self, h, x):
         """A host (n,) upper bound of ‖∂F/∂h‖₂ per sample: max over real nodes of |σ′| times

@@ -388,7 +388,7 @@ def test_bad_inputs_are_refused_in_one_line(be, arr):
     one_line(lambda: cell.check_inputs(x=X, grad_h=arr(np.ones((n, 2)))), "grad_h must have shape")
     one_line(lambda: cell.check_inputs(x=None), "x: expected")
     one_line(lambda: cell.linearize(H, X).vjp_h(arr(np.ones((n, 1)))), "v must have shape")
-    one_line(lambda: cell.project(1.0), "bound must be")
+    one_line(lambda: cell.project(float("inf")), "bound must be")
     one_line(lambda: cell.project(0), "bound must be")
     one_line(lambda: cell.with_params({"W": W}), "params must be a dict with the keys")
     one_line(lambda: cell.unflatten(arr(np.ones(3))), "theta must have shape")
