@@ -407,3 +407,21 @@ def test_bad_inputs_are_refused_in_one_line(be, arr):
     one_line(lambda: pad_graphs([(A0, X0 * np.nan)], backend=be), "contains NaN")
     one_line(lambda: pad_graphs([(A0, X0)], N=1, backend=be), "N must be")
     one_line(lambda: pad_graphs([], backend=be), "graphs must be a non-empty list")
+
+
+def test_seeded_float32_and_defaults(be, arr):
+    """The same seed gives the same cell; float32 computes the same F to float32 precision; no
+    mask means every node is real."""
+    cell, gs, h, x, _ = setup(be)
+    again, _, _, _, _ = setup(be)
+    np.testing.assert_array_equal(host(cell.theta), host(again.theta))
+    A32, x32, m32 = pad_graphs(gs, dtype="float32", backend=be)
+    c32 = GraphCell.random(M, P, A32, seed=0, kappa=0.9, mask=m32, dtype="float32", backend=be)
+    c64 = GraphCell.random(M, P, pad_graphs(gs, backend=be)[0], seed=0, kappa=0.9,
+                           mask=pad_graphs(gs, backend=be)[2], backend=be)
+    out32 = c32(be.asarray(h, "float32"), x32)
+    assert "float32" in str(out32.dtype)
+    # O(1) values through two products of ≤ 4 terms: a few float32 eps (1.2e-7) each
+    assert_close(host(out32), host(c64(arr(h), arr(x))), 1e-5, "float32 vs float64")
+    np.testing.assert_array_equal(host(GraphCell(cell.W, cell.Omega, cell.A_hat).mask),
+                                  np.ones((cell.n, cell.N)))
