@@ -195,19 +195,19 @@ class GraphLinearization:
     def vjp_h(self, v):
         """∂F/∂h · v = (Â ⊗ Wᵀ) (s ⊙ v) = vec(Wᵀ (V ⊙ S) Âᵀ); transposed, Â (V ⊙ S)ᵀ W   # (n, d)"""
         c = self.cell
-        Rt = c.nodes(v, c.m, "v") * self.St                                   # (n, N, m)  (V ⊙ S)ᵀ
+        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)  (V ⊙ S)ᵀ
         return c.rows(c.A_hat @ (Rt @ c.W))                              # (n, d)
 
     def vjp_x(self, v):
         """∂F/∂x · v = (Â ⊗ Ωᵀ) (s ⊙ v) = vec(Ωᵀ (V ⊙ S) Âᵀ)   # (n, d_x)"""
         c = self.cell
-        Rt = c.nodes(v, c.m, "v") * self.St                                   # (n, N, m)
+        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)
         return c.rows(c.A_hat @ (Rt @ c.Omega))                          # (n, d_x)
 
     def vjp_theta(self, v) -> dict:
         """Σ over the batch of ∂F/∂θ · v: with R = V ⊙ S, {W: Σ R (H Â)ᵀ, Omega: Σ R (X Â)ᵀ}."""
         c, xp = self.cell, self.cell.xp
-        Rt = c.nodes(v, c.m, "v") * self.St                                   # (n, N, m)  Rᵀ
+        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)  Rᵀ
         HAt = c.A_hatT @ self.Ht                                         # (n, N, m)  (H Â)ᵀ
         XAt = c.A_hatT @ self.Xt                                         # (n, N, p)  (X Â)ᵀ
         nN = Rt.shape[0] * Rt.shape[1]
@@ -506,10 +506,10 @@ class GraphCell:
         ∂F_(j,a)/∂Ω[c, q] = s_(j,a) δ_ac (X Â)[q, j].
         """
         xp = self.xp
-        n, N, m, p, d = self.n, self.N, self.m, self.p, self.d
+        n, m, p, d = self.n, self.m, self.p, self.d
         s = self.sigma_prime(h, x)                                       # (n, d)
-        HAt = self.A_hatT @ self.nodes(h, self.m, "h")   # (n, N, m)  [j, b] = (H Â)[b, j]
-        XAt = self.A_hatT @ self.nodes(x, self.p, "x")   # (n, N, p)  [j, q] = (X Â)[q, j]
+        HAt = self.A_hatT @ self.nodes(h, m, "h")                        # (n, N, m)  [j, b] = (H Â)[b, j]
+        XAt = self.A_hatT @ self.nodes(x, p, "x")                        # (n, N, p)  [j, q] = (X Â)[q, j]
         eye = xp.eye(m, dtype=h.dtype)                                   # (m, m)  δ_ac
         JW = HAt[:, :, None, None, :] * eye[None, None, :, :, None]      # (n, j, a, c, b)
         JO = XAt[:, :, None, None, :] * eye[None, None, :, :, None]      # (n, j, a, c, q)

@@ -369,7 +369,7 @@ def test_bad_inputs_are_refused_in_one_line(be, arr):
     cell, gs, h, x, _ = setup(be)
     H, X = arr(h), arr(x)
     n, N = cell.n, cell.N
-    W, Om, A, mask = cell.W, cell.Omega, cell.A_hat, cell.mask
+    W, Om, A = cell.W, cell.Omega, cell.A_hat
     one_line(lambda: GraphCell(W, Om, arr(np.eye(N))), "A_hat must have shape")
     one_line(lambda: GraphCell(W, Om, arr(np.zeros((n, N, N + 1)))), "A_hat must have shape")
     one_line(lambda: GraphCell(W, Om, A, mask=arr(np.ones((n, N + 1)))), "mask must have shape")
