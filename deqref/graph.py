@@ -187,33 +187,45 @@ def well_posed(cell: "GraphCell") -> float:
 class GraphLinearization:
     """The graph cell's derivatives at one (h, x), products only (``deqref.cell.Linearization``);
     S = σ′(Z) computed once and shared. Everything is per sample on the transposes Hᵀ (n, N, m),
-    Xᵀ (n, N, p), Sᵀ (n, N, m), so V ⊙ S is ``Vt * St``."""
+    Xᵀ (n, N, p), Sᵀ (n, N, m), so V ⊙ S is ``Vt * St``.
+
+    Every VJP at v goes through one product with Â: with R = V ⊙ S and P = R Âᵀ,
+
+        ∂F/∂h · v = vec(Wᵀ P),   ∂F/∂x · v = vec(Ωᵀ P),   ∂F/∂θ · v = {W: P Hᵀ, Ω: P Xᵀ}
+
+    (R (H Â)ᵀ = R Âᵀ Hᵀ). P is kept with a copy of the last v asked, and reused while v holds the
+    same values (an O(d) comparison against the O(d·N) product), so the VJPs in h, x and θ of
+    one vector, as an estimator's last step or an unrolled reverse pass takes them, cost one
+    product with Â together; a v changed in place since is seen and recomputed."""
 
     def __init__(self, cell: "GraphCell", Ht, Xt, St):
         self.cell, self.Ht, self.Xt, self.St = cell, Ht, Xt, St
+        self._last = (None, None)                                        # (copy of v, Pᵀ)
+
+    def Pt(self, v):
+        """Pᵀ = Â (V ⊙ S)ᵀ per sample, P = (V ⊙ S) Âᵀ   # (n, N, m)"""
+        c, xp = self.cell, self.cell.xp
+        last = self._last[0]
+        if last is None or last.shape != v.shape or not bool(xp.all(last == v)):
+            self._last = (xp.asarray(v, copy=True), c.A_hat @ (c.nodes(v, c.m, "v") * self.St))
+        return self._last[1]
 
     def vjp_h(self, v):
-        """∂F/∂h · v = (Â ⊗ Wᵀ) (s ⊙ v) = vec(Wᵀ (V ⊙ S) Âᵀ); transposed, Â (V ⊙ S)ᵀ W   # (n, d)"""
-        c = self.cell
-        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)  (V ⊙ S)ᵀ
-        return c.rows(c.A_hat @ (Rt @ c.W))                              # (n, d)
+        """∂F/∂h · v = (Â ⊗ Wᵀ) (s ⊙ v) = vec(Wᵀ P); transposed, Pᵀ W   # (n, d)"""
+        return self.cell.rows(self.Pt(v) @ self.cell.W)
 
     def vjp_x(self, v):
-        """∂F/∂x · v = (Â ⊗ Ωᵀ) (s ⊙ v) = vec(Ωᵀ (V ⊙ S) Âᵀ)   # (n, d_x)"""
-        c = self.cell
-        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)
-        return c.rows(c.A_hat @ (Rt @ c.Omega))                          # (n, d_x)
+        """∂F/∂x · v = (Â ⊗ Ωᵀ) (s ⊙ v) = vec(Ωᵀ P); transposed, Pᵀ Ω   # (n, d_x)"""
+        return self.cell.rows(self.Pt(v) @ self.cell.Omega)
 
     def vjp_theta(self, v) -> dict:
-        """Σ over the batch of ∂F/∂θ · v: with R = V ⊙ S, {W: Σ R (H Â)ᵀ, Omega: Σ R (X Â)ᵀ}."""
+        """Σ over the batch of ∂F/∂θ · v: {W: Σ P Hᵀ, Omega: Σ P Xᵀ} (= Σ R (H Â)ᵀ, Σ R (X Â)ᵀ)."""
         c, xp = self.cell, self.cell.xp
-        Rt = c.nodes(v, c.m, "v") * self.St                              # (n, N, m)  Rᵀ
-        HAt = c.A_hatT @ self.Ht                                         # (n, N, m)  (H Â)ᵀ
-        XAt = c.A_hatT @ self.Xt                                         # (n, N, p)  (X Â)ᵀ
-        nN = Rt.shape[0] * Rt.shape[1]
-        R = xp.reshape(Rt, (nN, c.m))                                    # all nodes of all graphs
-        return {"W": R.T @ xp.reshape(HAt, (nN, c.m)),                   # (m, m)
-                "Omega": R.T @ xp.reshape(XAt, (nN, c.p))}               # (m, p)
+        Pt = self.Pt(v)                                                  # (n, N, m)
+        nN = Pt.shape[0] * Pt.shape[1]
+        P = xp.reshape(Pt, (nN, c.m))                                    # all nodes of all graphs
+        return {"W": P.T @ xp.reshape(self.Ht, (nN, c.m)),               # (m, m)
+                "Omega": P.T @ xp.reshape(self.Xt, (nN, c.p))}           # (m, p)
 
     def jvp_h(self, u):
         """J_h u = s ⊙ vec(W U Â) = s ⊙ (Âᵀ ⊗ W) u; transposed, Sᵀ ⊙ (Âᵀ Uᵀ Wᵀ)   # (n, d)"""
@@ -377,19 +389,18 @@ class GraphCell:
         """Σ_t scale · ∂F/∂θ|_{h_t} v_t and Σ_t scale · ∂F/∂x|_{h_t} v_t (``deqref.cell.vjp_sum``),
         over ``terms`` = [(GraphLinearization at h_t, v_t), ...] at one x.
 
-        With R_t = scale · (V_t ⊙ S_t): W gets Σ_t R_t (H_t Â)ᵀ; only that term depends on h_t,
-        so Ω's term (Σ_t R_t)(X Â)ᵀ and x's term vec(Ωᵀ (Σ_t R_t) Âᵀ) are taken once."""
+        With P_t = (V_t ⊙ S_t) Âᵀ (``GraphLinearization.Pt``, kept from the reverse pass's
+        VJP in h at v_t): W gets scale · Σ_t P_t H_tᵀ; only that term depends on h_t, so Ω's
+        term scale · (Σ_t P_t) Xᵀ and x's term vec(Ωᵀ scale · Σ_t P_t) are taken once."""
         xp, m, p = self.xp, self.m, self.p
-        grad_W = R_sum = None
+        grad_W = P_sum = None
         for lin, v in terms:
-            Rt = scale * (self.nodes(v, m, "v") * lin.St)                # (n, N, m)  R_tᵀ
-            HAt = self.A_hatT @ lin.Ht                                   # (n, N, m)  (H_t Â)ᵀ
-            gW = xp.reshape(Rt, (-1, m)).T @ xp.reshape(HAt, (-1, m))    # (m, m)
+            Pt = scale * lin.Pt(v)                                       # (n, N, m)  P_tᵀ
+            gW = xp.reshape(Pt, (-1, m)).T @ xp.reshape(lin.Ht, (-1, m))  # (m, m)
             grad_W = gW if grad_W is None else grad_W + gW
-            R_sum = Rt if R_sum is None else R_sum + Rt
-        XAt = self.A_hatT @ terms[0][0].Xt                               # (n, N, p)  (X Â)ᵀ
-        grad_Omega = xp.reshape(R_sum, (-1, m)).T @ xp.reshape(XAt, (-1, p))   # (m, p)
-        return {"W": grad_W, "Omega": grad_Omega}, self.rows(self.A_hat @ (R_sum @ self.Omega))
+            P_sum = Pt if P_sum is None else P_sum + Pt
+        grad_Omega = xp.reshape(P_sum, (-1, m)).T @ xp.reshape(terms[0][0].Xt, (-1, p))  # (m, p)
+        return {"W": grad_W, "Omega": grad_Omega}, self.rows(P_sum @ self.Omega)
 
     def jacobian_norm_bound(self, h, x):
         """A host (n,) upper bound of ‖∂F/∂h‖₂ per sample: max over real nodes of |σ′| times
@@ -439,12 +450,13 @@ class GraphCell:
 
     # ------------------------------------------------------------ the value
     def injection(self, x):
-        """(Ω X Â)ᵀ = Âᵀ Xᵀ Ωᵀ per sample, the part of Z that does not depend on h   # (n, N, m)"""
-        return self.A_hatT @ (self.nodes(x, self.p, "x") @ self.Omega.T)
+        """(Ω X)ᵀ = Xᵀ Ωᵀ per sample, the input's part of Z before Â   # (n, N, m)"""
+        return self.nodes(x, self.p, "x") @ self.Omega.T
 
     def preactivation(self, Ht, C):
-        """Zᵀ = Âᵀ Hᵀ Wᵀ + C, C the injection (summed in this order everywhere)   # (n, N, m)"""
-        return self.A_hatT @ (Ht @ self.W.T) + C
+        """Zᵀ = Âᵀ (Hᵀ Wᵀ + C), C = Xᵀ Ωᵀ: Z = W H Â + Ω X Â = (W H + Ω X) Â, one product with
+        Â per evaluation (the same everywhere, so every path gives the same bits)   # (n, N, m)"""
+        return self.A_hatT @ (Ht @ self.W.T + C)
 
     def __call__(self, h, x):
         """F(h, x) = vec(σ(W H Â + Ω X Â)) per sample   # (n, d)"""
@@ -452,7 +464,7 @@ class GraphCell:
         return self.rows(self._sigma(self.xp, Z))
 
     def bind(self, x):
-        """F(·, x) as a function of h alone, the injection Ω X Â computed once."""
+        """F(·, x) as a function of h alone, the input term Ω X computed once."""
         C = self.injection(x)                                            # (n, N, m)
         sigma, xp = self._sigma, self.xp
 
@@ -461,7 +473,7 @@ class GraphCell:
         return F
 
     def bind_linear(self, x):
-        """h ↦ (F(h, x), its ``GraphLinearization``) from one pre-activation, Ω X Â once."""
+        """h ↦ (F(h, x), its ``GraphLinearization``) from one pre-activation, Ω X once."""
         C = self.injection(x)                                            # (n, N, m)
         Xt = self.nodes(x, self.p, "x")                                          # (n, N, p)
         sigma, dsigma, xp = self._sigma, self._dsigma, self.xp

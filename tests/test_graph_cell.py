@@ -425,3 +425,26 @@ def test_seeded_float32_and_defaults(be, arr):
     assert_close(host(out32), host(c64(arr(h), arr(x))), 1e-5, "float32 vs float64")
     np.testing.assert_array_equal(host(GraphCell(cell.W, cell.Omega, cell.A_hat).mask),
                                   np.ones((cell.n, cell.N)))
+
+
+def test_a_vector_changed_in_place_is_not_answered_from_the_kept_product(be):
+    """GraphLinearization keeps P = (V ⊙ S) Âᵀ for the last v; a v edited in place between two
+    calls must give the VJP of its new values (checked against a fresh linearization)."""
+    rng = np.random.default_rng(11)
+    A = (rng.random((6, 6)) < 0.5).astype(float)
+    A_hat = be.asarray(normalized_adjacency(np.triu(A, 1) + np.triu(A, 1).T)[None, ...])
+    cell = GraphCell.random(3, 2, A_hat, seed=0, backend=be)
+    h = be.asarray(rng.standard_normal((1, cell.d)))
+    x = be.asarray(rng.standard_normal((1, cell.d_x)))
+    v = np.asarray(rng.standard_normal((1, cell.d)))
+    lin = cell.linearize(h, x)
+    first = host(lin.vjp_h(be.asarray(v)))
+    w = be.asarray(v)
+    lin.vjp_h(w)
+    if be.name == "numpy":
+        w *= 2.0                                             # in place: the same object
+    else:
+        w = be.asarray(2.0 * v)
+    fresh = cell.linearize(h, x)
+    np.testing.assert_array_equal(host(lin.vjp_x(w)), host(fresh.vjp_x(w)))
+    np.testing.assert_array_equal(host(lin.vjp_h(w)), 2.0 * first)
