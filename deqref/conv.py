@@ -120,6 +120,40 @@ class ConvLinearization:
                      U=ops.conv2d_vjp_kernel(g_a2, ops.im2col(f.x_img)))
         return {name: grads[name] for name in c.PARAMS}
 
+    def vjp_theta_dh(self, v, u) -> dict:
+        """d/dt [Σ_batch ∂F/∂θ · v at (h + t u, x)] at t = 0: the parameter VJP differentiated
+        along h, a second derivative of (M1) (Jacobian regularization's gradient,
+        ``deqref.jacobian_reg`` (JR3)). Forward tangents δ· along u, then the backward pass of
+        ``vjp_theta`` differentiated term by term: GroupNorm's VJPs through
+        ``conv_ops.group_norm_vjp_tangent``, the kernels' VJPs bilinear in (g, input), ReLU's
+        masks constant (σ″ = 0 away from the kinks)."""
+        c, f = self.cell, self.fwd
+        du = c.image(u)                                                       # δz
+        d_a1 = ops.conv2d(du, c.K1)
+        d_r1 = ops.group_norm_jvp(f.st1, c.gamma1, d_a1) * f.m1
+        d_a2 = ops.conv2d(d_r1, c.K2)
+        d_r3 = (du + ops.group_norm_jvp(f.st2, c.gamma2, d_a2)) * f.m3
+        v_img = c.image(v)
+        zero = v_img * 0.0
+        # backward, with its tangent alongside
+        g_r3 = ops.group_norm_vjp(f.st3, c.gamma3, v_img)[0]
+        dg_r3, dg_gamma3, dg_beta3 = ops.group_norm_vjp_tangent(f.st3, c.gamma3, v_img, zero, d_r3)
+        g_a3, dg_a3 = g_r3 * f.m3, dg_r3 * f.m3
+        g_a2 = ops.group_norm_vjp(f.st2, c.gamma2, g_a3)[0]
+        dg_a2, dg_gamma2, dg_beta2 = ops.group_norm_vjp_tangent(f.st2, c.gamma2, g_a3, dg_a3,
+                                                                d_a2)
+        g_n1 = ops.conv2d_vjp_input(g_a2, c.K2) * f.m1
+        dg_n1 = ops.conv2d_vjp_input(dg_a2, c.K2) * f.m1
+        g_a1 = ops.group_norm_vjp(f.st1, c.gamma1, g_n1)[0]
+        dg_a1, dg_gamma1, dg_beta1 = ops.group_norm_vjp_tangent(f.st1, c.gamma1, g_n1, dg_n1,
+                                                                d_a1)
+        kern = ops.conv2d_vjp_kernel
+        return {"K1": kern(dg_a1, ops.im2col(f.z)) + kern(g_a1, ops.im2col(du)),
+                "K2": kern(dg_a2, ops.im2col(f.r1)) + kern(g_a2, ops.im2col(d_r1)),
+                "U": kern(dg_a2, ops.im2col(f.x_img)),
+                "gamma1": dg_gamma1, "beta1": dg_beta1, "gamma2": dg_gamma2,
+                "beta2": dg_beta2, "gamma3": dg_gamma3, "beta3": dg_beta3}
+
     def jvp_h(self, u):
         """J_h u per sample, (M2) forwards   # (n, d)"""
         c, f = self.cell, self.fwd

@@ -208,6 +208,34 @@ def group_norm_vjp(st: GroupStats, gamma, g):
     return gx, g_gamma, g_beta
 
 
+def group_norm_vjp_tangent(st: GroupStats, gamma, g, dg, dx):
+    """The change of ``group_norm_vjp(st, γ, g)`` when GroupNorm's input moves along dx and the
+    upstream g along dg: d/dt of the three VJPs at (x + t dx, g + t dg), t = 0 (a second
+    derivative of (N1), for Jacobian regularization's gradient).
+
+    With g̃ = γ ⊙ g and Jᵀg = P(g̃)/σ, P(v) = v − mean(v) − x̂ mean(v x̂) per group:
+        δσ = mean(x̂ δx)          (σ² = var + ε, δvar = 2σ mean(x̂ δx)),
+        δx̂ = P(δx)/σ,
+        δ(Jᵀg) = −(δσ/σ) Jᵀg + [δg̃ − mean(δg̃) − δx̂ mean(g̃ x̂) − x̂ mean(δg̃ x̂ + g̃ δx̂)]/σ,
+        δ(grad γ) = Σ (δg ⊙ x̂ + g ⊙ δx̂),   δ(grad β) = Σ δg   (per channel).
+    Returns (δ(Jᵀg) (n, C, H, W), δ(grad γ) (C,), δ(grad β) (C,)).
+    """
+    xp = _xp(g)
+    gt = st.grouped(_per_channel(gamma, g.shape) * g)                     # g̃   (n, G, M)
+    dgt = st.grouped(_per_channel(gamma, g.shape) * dg)                   # δg̃  (n, G, M)
+    dx_g = st.grouped(dx)
+    d_sigma = xp.mean(st.x_hat * dx_g, axis=2, keepdims=True)             # (n, G, 1)
+    d_xhat = _project(st, dx_g) / st.sigma                                # (n, G, M)
+    gx = _project(st, gt) / st.sigma                                      # Jᵀg  (n, G, M)
+    d_gx = (-(d_sigma / st.sigma) * gx
+            + (dgt - xp.mean(dgt, axis=2, keepdims=True)
+               - d_xhat * xp.mean(gt * st.x_hat, axis=2, keepdims=True)
+               - st.x_hat * xp.mean(dgt * st.x_hat + gt * d_xhat, axis=2, keepdims=True))
+            / st.sigma)
+    d_g_gamma = xp.sum(dg * st.image(st.x_hat) + g * st.image(d_xhat), axis=(0, 2, 3))
+    return st.image(d_gx), d_g_gamma, xp.sum(dg, axis=(0, 2, 3))
+
+
 def group_norm_matrix(st: GroupStats, gamma):
     """J = diag(γ) P/σ of (N2) per sample, standard layout, block diagonal over the G groups
     # (n, C·H·W, C·H·W)
