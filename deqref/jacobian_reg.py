@@ -86,16 +86,23 @@ def probes(cell, n: int, n_probes: int, seed: int):
     return rng_normal(seed, (n_probes, n, cell.d), cell.dtype, cell.backend)
 
 
+def _stacked(cell, h, x, eps):
+    """The m probes as one batch of m·n rows: (h, x) repeated m times, ε (m, n, d) → (m·n, d),
+    so that one linearization and one VJP serve every probe."""
+    xp = cell.xp
+    m = eps.shape[0]
+    return (xp.tile(h, (m, 1)), xp.tile(x, (m, 1)),
+            xp.reshape(eps, (m * h.shape[0], cell.d)))
+
+
 def hutchinson(cell, h, x, *, n_probes: int, seed: int):
     """R̂_s = (1/m) Σ_k ‖∂F/∂h · ε_k‖² per sample (JR2), one VJP per probe   # (n,)"""
     _check(cell, h, x)
     eps = probes(cell, h.shape[0], n_probes, seed)                        # (m, n, d)
-    lin, xp = cell.linearize(h, x), cell.xp
-    total = 0.0
-    for k in range(eps.shape[0]):
-        u = lin.vjp_h(eps[k, ...])                                        # (n, d)
-        total = total + xp.sum(u * u, axis=1)
-    return total / eps.shape[0]
+    xp, (m, n, d) = cell.xp, eps.shape
+    h_m, x_m, eps_m = _stacked(cell, h, x, eps)
+    u = cell.linearize(h_m, x_m).vjp_h(eps_m)                             # (m·n, d)
+    return xp.mean(xp.reshape(xp.sum(u * u, axis=1), (m, n)), axis=0)
 
 
 def penalty(cell, h, x, *, method: str = "exact", n_probes: int | None = None,
@@ -135,14 +142,12 @@ def _vjp_theta_dh(cell, h, x, lin):
 
 def grad_for_probes(cell, h, x, eps) -> dict:
     """∇_θ of Σ_k Σ_s ‖∂F/∂h · ε_{k,s}‖² at fixed h, x (JR3), ε (m, n, d): summed over the
-    probes (Hutchinson's mean divides by m; over the basis vectors the sum is exact)."""
-    lin = cell.linearize(h, x)
-    second = _vjp_theta_dh(cell, h, x, lin)
-    total = None
-    for k in range(eps.shape[0]):
-        g = second(eps[k, ...], lin.vjp_h(eps[k, ...]))
-        total = g if total is None else {p: total[p] + g[p] for p in total}
-    return {p: 2.0 * t for p, t in total.items()}
+    probes (Hutchinson's mean divides by m; over the basis vectors the sum is exact). The probes
+    run as one batch of m·n rows, and the parameter VJP sums over the rows, i.e. over k and s."""
+    h_m, x_m, eps_m = _stacked(cell, h, x, eps)
+    lin = cell.linearize(h_m, x_m)
+    g = _vjp_theta_dh(cell, h_m, x_m, lin)(eps_m, lin.vjp_h(eps_m))
+    return {p: 2.0 * t for p, t in g.items()}
 
 
 def basis_probes(cell, n: int):
