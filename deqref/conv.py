@@ -212,19 +212,27 @@ class ConvCell:
     # ------------------------------------------------------------ construction
     @classmethod
     def random(cls, C: int = 8, C_x: int = 1, H: int = 8, W: int = 8, G: int = 4, *, seed: int,
-               eps: float = 1e-5, dtype: str = "float64",
+               injection: float = 1.0, eps: float = 1e-5, dtype: str = "float64",
                backend: Backend | None = None) -> "ConvCell":
         """A seeded random cell: kernels with i.i.d. N(0, 1/fan_in) entries (fan_in = 9·C_in,
-        so a convolution keeps the variance of its input), γ_k = 1 + 0.1·N(0, 1) and
-        β_k = 0.1·N(0, 1) (not PyTorch's 1 and 0, so that a misplaced γ or β shows in a test).
-        Draws come from ``numpy.random.default_rng(seed)`` in ``PARAMS`` order."""
+        so a convolution keeps the variance of its input), U's scaled by ``injection``,
+        γ_k = 1 + 0.1·N(0, 1) and β_k = 0.1·N(0, 1) (not PyTorch's 1 and 0, so that a misplaced
+        γ or β shows in a test). Draws come from ``numpy.random.default_rng(seed)`` in
+        ``PARAMS`` order.
+
+        ``injection`` sets how much U ⋆ x dominates a₂. With 1, ∂F/∂h at a fixed point often
+        has spectral radius near 1 and fixed points need not be unique (Broyden finds some where
+        every a₃ < 0, so ReLU′ = 0 and ∂F/∂h = 0); with 10, GN₂ divides by the injection's
+        spread, the recurrent path K₂ ⋆ r₁ is damped by it, and (C = 4, 5 × 4 images, seeds 0
+        and 1) ‖∂F/∂h‖₂ ≈ 0.8 at the fixed point, which plain iteration then finds."""
         C, C_x = check_int("C", C, minimum=1), check_int("C_x", C_x, minimum=1)
         seed, dtype = check_seed(seed), check_choice("dtype", dtype, DTYPES)
+        injection = check_real("injection", injection, lo=0, lo_open=True)
         be = check_backend(backend)
         rng = np.random.default_rng(seed)
         p = {"K1": rng.standard_normal((C, C, 3, 3)) / np.sqrt(9 * C),
              "K2": rng.standard_normal((C, C, 3, 3)) / np.sqrt(9 * C),
-             "U": rng.standard_normal((C, C_x, 3, 3)) / np.sqrt(9 * C_x)}
+             "U": injection * rng.standard_normal((C, C_x, 3, 3)) / np.sqrt(9 * C_x)}
         for k in (1, 2, 3):
             p[f"gamma{k}"] = 1.0 + 0.1 * rng.standard_normal(C)
             p[f"beta{k}"] = 0.1 * rng.standard_normal(C)
