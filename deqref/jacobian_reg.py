@@ -20,7 +20,12 @@ Hutchinson's estimator. For ε ~ N(0, I_d), E‖J_sᵀ ε‖² = tr(J_s J_sᵀ) 
 
 its variance is Var R̂_s = 2 tr((J_s J_sᵀ)²)/m = 2‖J_s J_sᵀ‖_F²/m, so the error falls as 1/√m.
 The probes are drawn with ``numpy.random.default_rng(seed)`` (shape (m, n, d)), so a seed fixes
-the estimate on every backend.
+the estimate on every backend. Measured (notebooks/10_conv_cell.py: the conv cell, C = 8, 8 × 8
+digits, n = 8, at its fixed point, R = 0.1556; mean over 40 seeds against √(2/π)·sd(R̂)/R):
+
+    probes m            1       4       16      64      256
+    mean |R̂ − R|/R     0.030   0.016   0.0083  0.0042  0.0018
+    CLT prediction      0.033   0.016   0.0082  0.0041  0.0020
 
 The gradient w.r.t. θ, with h* and x held fixed (Bai et al. differentiate the penalty at a
 detached z*: the implicit dependence of h* on θ is not followed). For one probe ε with
