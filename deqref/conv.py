@@ -1,4 +1,4 @@
-"""A convolutional residual cell in the shape of MDEQ's residual block, with hand-written derivatives.
+"""A convolutional residual cell shaped as MDEQ's residual block, with hand-written derivatives.
 
 The cell (one resolution of MDEQ's ``BasicBlock``, Bai et al. 2020, as its DEQ and TorchDEQ's
 image examples write it; ``deqref.conv_ops`` holds the parts and their derivatives):
@@ -51,117 +51,9 @@ from . import conv_ops as ops
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
                       check_shape, dtype_name, namespace, require_arrays, to_numpy)
 from .checks import check_choice, check_int, check_real
+from .conv_linear import ConvLinearization, Forward
 
 _NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
-
-
-class _Forward:
-    """The intermediate values of (M1) at one (h, x), kept for the derivatives."""
-
-    def __init__(self, cell: "ConvCell", h, x, inj=None):
-        xp = cell.xp
-        n = h.shape[0]
-        self.z = cell.image(h)                                                  # (n, C, H, W)
-        self.x_img = cell.image(x, cell.C_x)                                    # (n, C_x, H, W)
-        self.a1 = ops.conv2d(self.z, cell.K1)                                   # (n, C, H, W)
-        self.n1, self.st1 = ops.group_norm(self.a1, cell.gamma1, cell.beta1, cell.G, cell.eps)
-        self.r1 = ops.relu(self.n1)
-        inj = ops.conv2d(self.x_img, cell.U) if inj is None else inj          # U ⋆ x
-        self.a2 = ops.conv2d(self.r1, cell.K2) + inj
-        self.n2, self.st2 = ops.group_norm(self.a2, cell.gamma2, cell.beta2, cell.G, cell.eps)
-        self.a3 = self.z + self.n2
-        self.r3 = ops.relu(self.a3)
-        y, self.st3 = ops.group_norm(self.r3, cell.gamma3, cell.beta3, cell.G, cell.eps)
-        self.F = xp.reshape(y, (n, cell.d))                                     # (n, d)
-        self.m1, self.m3 = ops.relu_prime(self.n1), ops.relu_prime(self.a3)   # ReLU′ masks
-
-
-class ConvLinearization:
-    """(M1)'s derivatives at one (h, x) as products (``deqref.cell.Linearization``): the
-    forward intermediates (GroupNorm's x̂ and σ, ReLU's masks) computed once and shared."""
-
-    def __init__(self, cell: "ConvCell", fwd: _Forward):
-        self.cell, self.fwd = cell, fwd
-
-    def _back_to_a2(self, v):
-        """v = ∂L/∂F (n, d) back to ∂L/∂a₂ and ∂L/∂a₃, with GN₃'s and GN₂'s (γ, β) parts."""
-        c, f = self.cell, self.fwd
-        g_r3, g_gamma3, g_beta3 = ops.group_norm_vjp(f.st3, c.gamma3, c.image(v))
-        g_a3 = g_r3 * f.m3                                                     # (n, C, H, W)
-        g_a2, g_gamma2, g_beta2 = ops.group_norm_vjp(f.st2, c.gamma2, g_a3)
-        return g_a3, g_a2, {"gamma3": g_gamma3, "beta3": g_beta3,
-                            "gamma2": g_gamma2, "beta2": g_beta2}
-
-    def _back_to_a1(self, g_a2):
-        c, f = self.cell, self.fwd
-        g_n1 = ops.conv2d_vjp_input(g_a2, c.K2) * f.m1                         # (n, C, H, W)
-        return ops.group_norm_vjp(f.st1, c.gamma1, g_n1)                       # g_a1, g_γ1, g_β1
-
-    def vjp_h(self, v):
-        """∂F/∂h · v = v ᵀJ_h per sample, (M2) backwards   # (n, d)"""
-        g_a3, g_a2, _ = self._back_to_a2(v)
-        g_a1 = self._back_to_a1(g_a2)[0]
-        g_z = g_a3 + ops.conv2d_vjp_input(g_a1, self.cell.K1)                 # residual + T₁ᵀ
-        return self.cell.flat(g_z)
-
-    def vjp_x(self, v):
-        """∂F/∂x · v per sample: back to a₂, then U ⋆'s transpose   # (n, d_x)"""
-        g_a2 = self._back_to_a2(v)[1]
-        return self.cell.flat(ops.conv2d_vjp_input(g_a2, self.cell.U))
-
-    def vjp_theta(self, v) -> dict:
-        """Σ over the batch of ∂F/∂θ · v, as a dict of parameter-shaped arrays."""
-        c, f = self.cell, self.fwd
-        _, g_a2, grads = self._back_to_a2(v)
-        g_a1, g_gamma1, g_beta1 = self._back_to_a1(g_a2)
-        grads.update(gamma1=g_gamma1, beta1=g_beta1,
-                     K1=ops.conv2d_vjp_kernel(g_a1, ops.im2col(f.z)),
-                     K2=ops.conv2d_vjp_kernel(g_a2, ops.im2col(f.r1)),
-                     U=ops.conv2d_vjp_kernel(g_a2, ops.im2col(f.x_img)))
-        return {name: grads[name] for name in c.PARAMS}
-
-    def vjp_theta_dh(self, v, u) -> dict:
-        """d/dt [Σ_batch ∂F/∂θ · v at (h + t u, x)] at t = 0: the parameter VJP differentiated
-        along h, a second derivative of (M1) (Jacobian regularization's gradient,
-        ``deqref.jacobian_reg`` (JR3)). Forward tangents δ· along u, then the backward pass of
-        ``vjp_theta`` differentiated term by term: GroupNorm's VJPs through
-        ``conv_ops.group_norm_vjp_tangent``, the kernels' VJPs bilinear in (g, input), ReLU's
-        masks constant (σ″ = 0 away from the kinks)."""
-        c, f = self.cell, self.fwd
-        du = c.image(u)                                                       # δz
-        d_a1 = ops.conv2d(du, c.K1)
-        d_r1 = ops.group_norm_jvp(f.st1, c.gamma1, d_a1) * f.m1
-        d_a2 = ops.conv2d(d_r1, c.K2)
-        d_r3 = (du + ops.group_norm_jvp(f.st2, c.gamma2, d_a2)) * f.m3
-        v_img = c.image(v)
-        zero = v_img * 0.0
-        # backward, with its tangent alongside
-        g_r3 = ops.group_norm_vjp(f.st3, c.gamma3, v_img)[0]
-        dg_r3, dg_gamma3, dg_beta3 = ops.group_norm_vjp_tangent(f.st3, c.gamma3, v_img, zero, d_r3)
-        g_a3, dg_a3 = g_r3 * f.m3, dg_r3 * f.m3
-        g_a2 = ops.group_norm_vjp(f.st2, c.gamma2, g_a3)[0]
-        dg_a2, dg_gamma2, dg_beta2 = ops.group_norm_vjp_tangent(f.st2, c.gamma2, g_a3, dg_a3,
-                                                                d_a2)
-        g_n1 = ops.conv2d_vjp_input(g_a2, c.K2) * f.m1
-        dg_n1 = ops.conv2d_vjp_input(dg_a2, c.K2) * f.m1
-        g_a1 = ops.group_norm_vjp(f.st1, c.gamma1, g_n1)[0]
-        dg_a1, dg_gamma1, dg_beta1 = ops.group_norm_vjp_tangent(f.st1, c.gamma1, g_n1, dg_n1,
-                                                                d_a1)
-        kern = ops.conv2d_vjp_kernel
-        return {"K1": kern(dg_a1, ops.im2col(f.z)) + kern(g_a1, ops.im2col(du)),
-                "K2": kern(dg_a2, ops.im2col(f.r1)) + kern(g_a2, ops.im2col(d_r1)),
-                "U": kern(dg_a2, ops.im2col(f.x_img)),
-                "gamma1": dg_gamma1, "beta1": dg_beta1, "gamma2": dg_gamma2,
-                "beta2": dg_beta2, "gamma3": dg_gamma3, "beta3": dg_beta3}
-
-    def jvp_h(self, u):
-        """J_h u per sample, (M2) forwards   # (n, d)"""
-        c, f = self.cell, self.fwd
-        u_img = c.image(u)
-        d_n1 = ops.group_norm_jvp(f.st1, c.gamma1, ops.conv2d(u_img, c.K1))
-        d_n2 = ops.group_norm_jvp(f.st2, c.gamma2, ops.conv2d(d_n1 * f.m1, c.K2))
-        d_F = ops.group_norm_jvp(f.st3, c.gamma3, (u_img + d_n2) * f.m3)
-        return c.flat(d_F)
 
 
 class ConvCell:
@@ -188,7 +80,8 @@ class ConvCell:
         check_shape("K1", K1, (None, None, 3, 3))
         C = K1.shape[0]
         if C < 1:
-            raise ValueError(f"K1 must have at least one output channel, got shape {tuple(K1.shape)}")
+            raise ValueError(f"K1 must have at least one output channel, "
+                             f"got shape {tuple(K1.shape)}")
         self.G = check_int("G", G, minimum=1, maximum=C)
         if C % self.G:
             raise ValueError(f"G must divide the channel count C = {C}, got {G}")
@@ -338,24 +231,24 @@ class ConvCell:
 
     def __call__(self, h, x):
         """F(h, x) of (M1)   # (n, d)"""
-        return _Forward(self, h, x).F
+        return Forward(self, h, x).F
 
     def bind(self, x):
         """F(·, x) with U ⋆ x computed once: ``cell.bind(x)(h) == cell(h, x)`` bit for bit."""
         inj = self.injection(x)
-        return lambda h: _Forward(self, h, x, inj).F
+        return lambda h: Forward(self, h, x, inj).F
 
     def bind_linear(self, x):
         """h ↦ (F(h, x), its ``ConvLinearization``) from one forward pass, U ⋆ x computed once."""
         inj = self.injection(x)
 
         def value_and_linearization(h):
-            fwd = _Forward(self, h, x, inj)
+            fwd = Forward(self, h, x, inj)
             return fwd.F, ConvLinearization(self, fwd)
         return value_and_linearization
 
     def linearize(self, h, x) -> ConvLinearization:
-        return ConvLinearization(self, _Forward(self, h, x))
+        return ConvLinearization(self, Forward(self, h, x))
 
     def jacobian_norm_bound(self, h, x):
         """A host (n,) upper bound of ‖∂F/∂h‖₂ per sample, from (M2) with |ReLU′| ≤ 1:
@@ -365,7 +258,7 @@ class ConvCell:
 
         (‖diag(γ)P/σ‖₂ ≤ max|γ|/σ since ‖P‖₂ ≤ 1; T_k is a sum of 9 taps, each a channel mix
         ⊗ a zero-filling shift of norm ≤ 1). It is often far above 1: GroupNorm's 1/σ."""
-        xp, f = self.xp, _Forward(self, h, x)
+        xp, f = self.xp, Forward(self, h, x)
 
         def b(gamma, st):                                                   # (n,)
             g_max = float(to_numpy(xp.max(xp.abs(gamma))))
@@ -381,7 +274,7 @@ class ConvCell:
     def _dense(self, h, x):
         """The standard-layout matrices of (M2) at (h, x), per sample: B₃ = ∂F/∂a₃,
         B₂ = ∂F/∂a₂, B_n1 = ∂F/∂n₁, B₁ = ∂F/∂a₁ (each (n, d, d)), T_U and the forward pass."""
-        f = _Forward(self, h, x)
+        f = Forward(self, h, x)
         T2 = ops.conv_matrix(self.K2, self.H, self.W)                            # (d, d)
         J1, J2, J3 = (ops.group_norm_matrix(st, g) for st, g in
                       ((f.st1, self.gamma1), (f.st2, self.gamma2), (f.st3, self.gamma3)))

@@ -104,7 +104,7 @@ def hutchinson(cell, h, x, *, n_probes: int, seed: int):
     """R̂_s = (1/m) Σ_k ‖∂F/∂h · ε_k‖² per sample (JR2), one VJP per probe   # (n,)"""
     _check(cell, h, x)
     eps = probes(cell, h.shape[0], n_probes, seed)                        # (m, n, d)
-    xp, (m, n, d) = cell.xp, eps.shape
+    xp, (m, n, _) = cell.xp, eps.shape
     h_m, x_m, eps_m = _stacked(cell, h, x, eps)
     u = cell.linearize(h_m, x_m).vjp_h(eps_m)                             # (m·n, d)
     return xp.mean(xp.reshape(xp.sum(u * u, axis=1), (m, n)), axis=0)

@@ -16,7 +16,6 @@ Tolerances (float64, eps = 2.2e-16):
 import numpy as np
 import pytest
 
-from deqref.backend import to_numpy
 from deqref.cell import check_cell, is_cell
 from deqref.conv import ConvCell
 from deqref import conv_ops as ops

@@ -148,7 +148,8 @@ def test_conv_second_derivative_and_gradients_against_fd(be, arr):
     H_, X_ = arr(h), arr(x)
     rng = np.random.default_rng(4)
     v, u = rng.standard_normal((N, cell.d)), rng.standard_normal((N, cell.d))
-    vjp_at = lambda t: host(cell.flatten(cell.linearize(arr(h + t * u), X_).vjp_theta(arr(v))))  # noqa
+    def vjp_at(t):
+        return host(cell.flatten(cell.linearize(arr(h + t * u), X_).vjp_theta(arr(v))))
     assert_close(host(cell.flatten(cell.linearize(H_, X_).vjp_theta_dh(arr(v), arr(u)))),
                  (vjp_at(FD_STEP) - vjp_at(-FD_STEP)) / (2 * FD_STEP), FD_RTOL, "(JR3)")
     # ∇R along one random direction inside each parameter block (d_θ = 384 full differences
