@@ -59,7 +59,7 @@ class ConvLinearization:
         return ops.group_norm_vjp(f.st1, c.gamma1, g_n1)                       # g_a1, g_γ1, g_β1
 
     def vjp_h(self, v):
-        """∂F/∂h · v = v ᵀJ_h per sample, (M2) backwards   # (n, d)"""
+        """∂F/∂h · v = vᵀ J_h per sample, (M2) backwards   # (n, d)"""
         g_a3, g_a2, _ = self._back_to_a2(v)
         g_a1 = self._back_to_a1(g_a2)[0]
         g_z = g_a3 + ops.conv2d_vjp_input(g_a1, self.cell.K1)                 # residual + T₁ᵀ

@@ -117,8 +117,17 @@ def penalty(cell, h, x, *, method: str = "exact", n_probes: int | None = None,
     return float(to_numpy(cell.xp.sum(per_sample))) / (h.shape[0] * cell.d)
 
 
+def _check_method(method, n_probes, seed) -> str:
+    """``method`` is one of METHODS; n_probes and seed belong to Hutchinson's alone."""
+    method = check_choice("method", method, METHODS)
+    if method == "exact" and (n_probes is not None or seed is not None):
+        raise ValueError("n_probes and seed must be None with method='exact' (they are "
+                         f"Hutchinson's), got n_probes={n_probes!r}, seed={seed!r}")
+    return method
+
+
 def _per_sample(cell, h, x, method, n_probes, seed):
-    if check_choice("method", method, METHODS) == "exact":
+    if _check_method(method, n_probes, seed) == "exact":
         return frobenius_sq(cell, h, x)
     return hutchinson(cell, h, x, n_probes=n_probes, seed=seed)
 
@@ -182,7 +191,7 @@ def penalty_grad(cell, h, x, *, method: str = "exact", n_probes: int | None = No
     ``hutchinson(..., n_probes, seed)``. A dict of parameter-shaped arrays."""
     _check(cell, h, x)
     scale = 1.0 / (h.shape[0] * cell.d)                                   # (JR0)
-    if check_choice("method", method, METHODS) == "exact":
+    if _check_method(method, n_probes, seed) == "exact":
         g = (exact_grad_dense(cell, h, x) if type(cell) is Layer
              else grad_for_probes(cell, h, x, basis_probes(cell, h.shape[0])))
     else:

@@ -202,7 +202,8 @@ def test_argument_checks(be, arr):
                     (dict(method="hutchinson", n_probes=True, seed=0), "^n_probes must be"),
                     (dict(method="hutchinson", n_probes=2, seed=-1), "^seed must be"),
                     (dict(method="hutchinson", n_probes=None, seed=0), "^n_probes must be"),
-                    (dict(method="power"), "^method must be one of")]:
+                    (dict(method="power"), "^method must be one of"),
+                    (dict(n_probes=4), "^n_probes and seed must be None with method='exact'")]:
         with pytest.raises(ValueError, match=msg):
             jr.penalty(layer, H_, X_, **kw)
         with pytest.raises(ValueError, match=msg):
