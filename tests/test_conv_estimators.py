@@ -178,3 +178,22 @@ def test_upg_loss_is_taken_at_h_k(be):
     for _ in range(2):
         h = np.stack([0.5 * F_np(p, h[i], host(x)[i], shape) + 0.5 * h[i] for i in range(N)])
     assert_close(host(output("upg", cell, x, res, k=2, lam=0.5)), h, 1e-13, "h_k")
+
+
+def test_train_runs_the_conv_cell_on_digits(be):
+    """deqref.train takes the conv cell unchanged: a few epochs of UPG on 120 digits lower the
+    training loss; ``project`` (TrainConfig.spectral_norm) is called and keeps the cell."""
+    from deqref.data import Dataset, digits
+    from deqref.heads import LinearHead
+    from deqref.train import DEQModel, TrainConfig, train
+    full = digits(seed=0, backend=be)
+    data = Dataset("digits-120", "classification", full.x_train[:100], full.y_train[:100],
+                   full.x_val[:20], full.y_val[:20], 10, full.info)
+    cell = ConvCell.random(4, 1, 8, 8, 2, seed=0, injection=10.0, backend=be)
+    model = DEQModel(cell, LinearHead.random(cell.d, 10, seed=1, backend=be))
+    hist = train(model, data, TrainConfig(epochs=3, lr=1e-2, batch_size=50, estimator="upg",
+                                          estimator_options={"k": 3, "lam": 0.8},
+                                          spectral_norm=0.9, seed=0, quiet=True))
+    assert hist["train_loss"][-1] < hist["train_loss"][0], hist["train_loss"]
+    assert sum(hist["forward_unconverged"]) == 0 and sum(hist["estimator_flagged"]) == 0
+    assert isinstance(model.layer, ConvCell)
