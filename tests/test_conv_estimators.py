@@ -187,8 +187,8 @@ def test_train_runs_the_conv_cell_on_digits(be):
     from deqref.heads import LinearHead
     from deqref.train import DEQModel, TrainConfig, train
     full = digits(seed=0, backend=be)
-    data = Dataset("digits-120", "classification", full.x_train[:100], full.y_train[:100],
-                   full.x_val[:20], full.y_val[:20], 10, full.info)
+    data = Dataset("digits-120", "classification", full.x_train[:100, ...], full.y_train[:100],
+                   full.x_val[:20, ...], full.y_val[:20], 10, full.info)
     cell = ConvCell.random(4, 1, 8, 8, 2, seed=0, injection=10.0, backend=be)
     model = DEQModel(cell, LinearHead.random(cell.d, 10, seed=1, backend=be))
     hist = train(model, data, TrainConfig(epochs=3, lr=1e-2, batch_size=50, estimator="upg",
