@@ -91,9 +91,18 @@ def probes(cell, n: int, n_probes: int, seed: int):
     return rng_normal(seed, (n_probes, n, cell.d), cell.dtype, cell.backend)
 
 
+CHUNK_ROWS = 4096           # probes run in batches of at most this many rows (k, s) at a time
+
+
+def _chunks(eps, n: int):
+    """ε (m, n, d) in runs of probes of at most ``CHUNK_ROWS`` rows (at least one probe each)."""
+    m, step = eps.shape[0], max(1, CHUNK_ROWS // n)
+    return [eps[k:min(k + step, m), ...] for k in range(0, m, step)]   # stops within the axis
+
+
 def _stacked(cell, h, x, eps):
-    """The m probes as one batch of m·n rows: (h, x) repeated m times, ε (m, n, d) → (m·n, d),
-    so that one linearization and one VJP serve every probe."""
+    """A run of m probes as one batch of m·n rows: (h, x) repeated m times, ε (m, n, d) →
+    (m·n, d), so that one linearization and one VJP serve all of them."""
     xp = cell.xp
     m = eps.shape[0]
     return (xp.tile(h, (m, 1)), xp.tile(x, (m, 1)),
@@ -104,10 +113,13 @@ def hutchinson(cell, h, x, *, n_probes: int, seed: int):
     """R̂_s = (1/m) Σ_k ‖∂F/∂h · ε_k‖² per sample (JR2), one VJP per probe   # (n,)"""
     _check(cell, h, x)
     eps = probes(cell, h.shape[0], n_probes, seed)                        # (m, n, d)
-    xp, (m, n, _) = cell.xp, eps.shape
-    h_m, x_m, eps_m = _stacked(cell, h, x, eps)
-    u = cell.linearize(h_m, x_m).vjp_h(eps_m)                             # (m·n, d)
-    return xp.mean(xp.reshape(xp.sum(u * u, axis=1), (m, n)), axis=0)
+    xp, n = cell.xp, h.shape[0]
+    total = 0.0
+    for run in _chunks(eps, n):
+        h_m, x_m, eps_m = _stacked(cell, h, x, run)
+        u = cell.linearize(h_m, x_m).vjp_h(eps_m)                         # (m_run·n, d)
+        total = total + xp.sum(xp.reshape(xp.sum(u * u, axis=1), (run.shape[0], n)), axis=0)
+    return total / eps.shape[0]
 
 
 def penalty(cell, h, x, *, method: str = "exact", n_probes: int | None = None,
@@ -156,12 +168,15 @@ def _vjp_theta_dh(cell, h, x, lin):
 
 def grad_for_probes(cell, h, x, eps) -> dict:
     """∇_θ of Σ_k Σ_s ‖∂F/∂h · ε_{k,s}‖² at fixed h, x (JR3), ε (m, n, d): summed over the
-    probes (Hutchinson's mean divides by m; over the basis vectors the sum is exact). The probes
-    run as one batch of m·n rows, and the parameter VJP sums over the rows, i.e. over k and s."""
-    h_m, x_m, eps_m = _stacked(cell, h, x, eps)
-    lin = cell.linearize(h_m, x_m)
-    g = _vjp_theta_dh(cell, h_m, x_m, lin)(eps_m, lin.vjp_h(eps_m))
-    return {p: 2.0 * t for p, t in g.items()}
+    probes (Hutchinson's mean divides by m; over the basis vectors the sum is exact). Each run
+    of probes is one batch of rows, and the parameter VJP sums over the rows, i.e. over k and s."""
+    total = None
+    for run in _chunks(eps, h.shape[0]):
+        h_m, x_m, eps_m = _stacked(cell, h, x, run)
+        lin = cell.linearize(h_m, x_m)
+        g = _vjp_theta_dh(cell, h_m, x_m, lin)(eps_m, lin.vjp_h(eps_m))
+        total = g if total is None else {p: total[p] + g[p] for p in total}
+    return {p: 2.0 * t for p, t in total.items()}
 
 
 def basis_probes(cell, n: int):

@@ -100,6 +100,20 @@ def test_hutchinson_is_seeded_and_uses_vjps(be, arr):
     assert_close(a, ref, TIGHT, "R̂ from the dense J")
 
 
+def test_probes_in_runs_equal_one_batch(be, arr, monkeypatch):
+    """Probes run in batches of ≤ CHUNK_ROWS rows: with runs of 1 and 2 probes the estimate and
+    the gradient equal the single-batch ones (the same sums in another order)."""
+    cell, h, x = conv_case(be)
+    H_, X_ = arr(h), arr(x)
+    kw = dict(method="hutchinson", n_probes=5, seed=2)
+    one = (jr.penalty(cell, H_, X_, **kw), host(cell.flatten(jr.penalty_grad(cell, H_, X_, **kw))))
+    for rows in (N, 2 * N + 1):                          # runs of 1 probe, then of 2
+        monkeypatch.setattr(jr, "CHUNK_ROWS", rows)
+        assert math.isclose(jr.penalty(cell, H_, X_, **kw), one[0], rel_tol=TIGHT)
+        assert_close(host(cell.flatten(jr.penalty_grad(cell, H_, X_, **kw))), one[1], TIGHT,
+                     f"runs of {rows // N}")
+
+
 # ------------------------------------------------------------------ the gradients
 def _fd_theta(cell, h, x, arr, **kw):
     theta = host(cell.theta)
