@@ -13,10 +13,12 @@ GN_k is GroupNorm with G groups and its own per-channel affine (γ_k, β_k), ε 
 ``torch.nn.GroupNorm``. Why this form: it is MDEQ's block (conv → GN → ReLU → conv, the
 injection added before the second GroupNorm, the residual, ReLU, a last GroupNorm), the block
 whose equilibrium Geng et al. train in Table 3 and GDEQ on CIFAR-10. The last GroupNorm keeps
-F(z) bounded whatever z is, which is what lets the DEQ iterate at all; the injection inside GN₂
-lets x and the recurrent path share one normalization, so neither swamps the other. MDEQ's
-inner-channel expansion (DEQ_EXPAND) and its multiple resolutions are left out: one
-resolution, C channels throughout.
+F(z) bounded whatever z is, which is what lets the DEQ iterate at all; with the injection
+inside GN₂, x and the recurrent path share one normalization, so their relative scale (not
+their absolute one) shapes the cell (``ConvCell.random``'s ``injection`` sets it). The
+implicit-layers tutorial's variant, GN₃(ReLU(z + GN₂(x + K₂ ⋆ GN₁(ReLU(K₁ ⋆ z))))), orders
+GN₁ and the first ReLU the other way; deqref follows MDEQ. MDEQ's inner-channel expansion
+(DEQ_EXPAND) and its multiple resolutions are left out: one resolution, C channels throughout.
 
 Layout. A state row is the image z (C, H, W) flattened channel-major, row-major (PyTorch's
 NCHW): h (n, d), d = C·H·W, h[:, c·H·W + i·W + j] = z[:, c, i, j]; an input row likewise,
