@@ -89,20 +89,23 @@ class NodeHead(_Head):
 
 
 class GraphHead(_Head):
-    """ŷ = z Vᵀ + c, z = masked mean of the node states of each graph; ``mask`` (n, N) bool,
-    the real nodes of this batch (``on(mask)``: the same V, c on another batch)."""
+    """ŷ = z Vᵀ + c, z = masked mean of the node states of each graph; ``mask`` (n, N), bool or
+    0/1 (``GraphCell.mask``), the real nodes of this batch (``on(mask)``: the same V, c on another batch)."""
 
     def __init__(self, V, c, mask):
         super().__init__(V, c)
         xp = require_arrays(V=V)
-        if not hasattr(mask, "shape") or len(mask.shape) != 2 or "bool" not in str(mask.dtype):
-            raise ValueError(f"mask must be a (n, N) boolean array, got {getattr(mask, 'dtype', type(mask).__name__)} "
-                             f"of shape {getattr(mask, 'shape', None)}")
-        count = xp.sum(xp.astype(mask, V.dtype), axis=1)            # (n,) real nodes per graph
+        if not hasattr(mask, "shape") or len(mask.shape) != 2:
+            raise ValueError(f"mask must be a (n, N) array (bool, or 0/1 as GraphCell.mask), got "
+                             f"{type(mask).__name__} of shape {getattr(mask, 'shape', None)}")
+        mask01 = xp.astype(mask, V.dtype)                           # (n, N) 1 on real nodes
+        if not bool(xp.all((mask01 == 0) | (mask01 == 1))):
+            raise ValueError("mask must hold only 0 (padding node) and 1 (real node), or booleans")
+        count = xp.sum(mask01, axis=1)                              # (n,) real nodes per graph
         if not bool(xp.all(count > 0)):
             raise ValueError("mask must mark at least one real node in every graph")
         self.mask = mask
-        self.w = xp.astype(mask, V.dtype) / count[:, None]         # (n, N) pooling weights 1/|V_g|
+        self.w = mask01 / count[:, None]                            # (n, N) pooling weights 1/|V_g|
 
     @classmethod
     def random(cls, m: int, q: int, mask, *, seed: int, dtype: str = "float64",

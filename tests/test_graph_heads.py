@@ -51,6 +51,8 @@ def test_graph_head_pools_real_nodes_only(setup, arr):
     h2 = np.reshape(s["h"].copy(), (n, N, m))
     h2[~MASK] = 1e3
     np.testing.assert_array_equal(host(head(arr(np.reshape(h2, (n, N * m))))), Y)
+    # the cell's own mask, 0/1 in its float dtype, reads the same
+    np.testing.assert_array_equal(host(GraphHead(arr(s["V"]), arr(s["c"]), arr(MASK * 1.0))(arr(s["h"]))), Y)
 
 
 def test_masked_cross_entropy_against_logsumexp(setup, arr, be):
@@ -130,7 +132,9 @@ def test_bad_input_names_the_argument(setup, arr, be):
     with pytest.raises(ValueError, match="^mask must mark at least one real node"):
         GraphHead(V, c, be.from_host(np.zeros((n, N), dtype=bool)))
     with pytest.raises(ValueError, match="^mask must be a"):
-        GraphHead(V, c, arr(np.ones((n, N))))
+        GraphHead(V, c, arr(np.ones(n)))
+    with pytest.raises(ValueError, match="^mask must hold only 0"):
+        GraphHead(V, c, arr(np.full((n, N), 0.5)))
     with pytest.raises(ValueError, match="^dL_dy must have shape"):
         NodeHead(V, c).backward(arr(s["h"]), arr(np.zeros((n, q))))
     with pytest.raises(ValueError, match="^labelled must mark at least one node"):
