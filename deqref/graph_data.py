@@ -124,18 +124,19 @@ def _edge_key(u: int, v: int) -> tuple:
 def rewire(edges: list, degree: np.ndarray, assortative: bool, attempts: int,
            rng: np.random.Generator) -> list:
     """Degree-preserving rewiring towards (dis)assortative mixing (Xulvi-Brunet and Sokolov,
-    2004): pick two edges with four distinct ends, order the ends by degree (ties at random);
+    2004), ``attempts`` times: pick two edges at random (an attempt whose two edges share an end is
+    skipped), order their four ends by degree (ties at random);
     assortative joins the two largest and the two smallest, disassortative the largest with the
     smallest and the middle two. A swap that would duplicate an edge is skipped."""
     edges = [_edge_key(u, v) for u, v in edges]
     present = set(edges)
-    for _ in range(attempts):
-        i, j = rng.choice(len(edges), size=2, replace=False)
+    picks = rng.integers(0, len(edges), size=(attempts, 2))         # the two edges of each attempt
+    ties = rng.random((attempts, 4))                                # tie-breaks among equal degrees
+    for (i, j), tie in zip(picks.tolist(), ties.tolist()):
         ends = [*edges[i], *edges[j]]
-        if len(set(ends)) < 4:
+        if len(set(ends)) < 4:                                      # also i == j
             continue
-        tie = rng.random(4)
-        a, b, c, d = sorted(ends, key=lambda v: (degree[v], tie[ends.index(v)]), reverse=True)
+        a, b, c, d = (ends[k] for k in sorted(range(4), key=lambda k: (degree[ends[k]], tie[k]), reverse=True))
         new = [_edge_key(a, b), _edge_key(c, d)] if assortative else [_edge_key(a, d), _edge_key(b, c)]
         if new[0] in present or new[1] in present:
             continue

@@ -53,7 +53,8 @@ def test_table_is_read_off_the_runs(outputs):
         for name, m in t["methods"].items():
             assert [r["seed"] for r in m["runs"]] == seeds
             for r in m["runs"]:
-                assert all(len(r[k]) == t["epochs"] for k in ("test_acc", "train_loss", *TIMES))
+                assert all(len(r[k]) == t["epochs"] for k in ("train_loss", "forward_iters", *TIMES))
+                assert r["eval_epoch"][-1] == t["epochs"] and len(r["test_acc"]) == len(r["eval_epoch"])
                 assert all(v > 0 for k in TIMES for v in r[k])
                 assert all(np.isfinite(r["train_loss"]))
                 # the model is kept well posed, so every forward converges and no adjoint is flagged

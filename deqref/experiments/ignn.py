@@ -81,6 +81,7 @@ MODES = {
     "default": dict(n_seeds=4, m=16, n_pairs=150, epochs={"karate": 40, "degree_mixing": 12}),
     "full": dict(n_seeds=10, m=32, n_pairs=300, epochs={"karate": 100, "degree_mixing": 30}),
 }
+EVAL_EVERY = {"karate": 4, "degree_mixing": 1}     # test accuracy after every so many epochs (and the last)
 ACTIVATION = "relu"
 KAPPA = 0.9                    # ‖W‖∞ λ_pf(Â) ≤ κ at initialization and after every update
 LR = 0.01
@@ -170,10 +171,12 @@ def step(est: str, opts: dict, c, hd, x, y, labelled=None):
     return L, {**g.grads, **head_grads}, res, g, (t0, t1, t2)
 
 
-def train_run(kind: str, b: Batches, method: str, seed: int, m: int, epochs: int) -> dict:
+def train_run(kind: str, b: Batches, method: str, seed: int, m: int, epochs: int,
+              eval_every: int = 1) -> dict:
     """Train the IGNN cell and read-out on ``b`` (``kind`` "node" or "graph" classification) with
     ``method``; the per-epoch history (test accuracy and loss after each epoch, times, forward
-    iterations, unconverged samples, flagged estimates)."""
+    iterations, unconverged samples, flagged estimates); the test set is evaluated after every
+    ``eval_every`` epochs and after the last (``eval_epoch`` lists those epochs, 1-based)."""
     est, opts, _ = METHODS[method]
     node = kind == "node"
     data = b.data
@@ -184,18 +187,19 @@ def train_run(kind: str, b: Batches, method: str, seed: int, m: int, epochs: int
             else GraphHead.random(m, data.q, mask_tr, seed=seed + 7919))
     opt = Adam(LR)
     rng = np.random.default_rng(seed + 104729)
-    keys = ("train_loss", "test_acc", "test_loss", "time_forward", "time_backward", "time_update",
-            "step_median", "forward_iters", "forward_unconverged", "estimator_flagged", "test_converged")
+    keys = ("train_loss", "eval_epoch", "test_acc", "test_loss", "test_converged", "time_forward",
+            "time_backward", "time_update",
+            "step_median", "forward_iters", "adjoint_iters", "forward_unconverged", "estimator_flagged")
     hist = {k: [] for k in keys}
     with shared_unrolls():
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             if node:
                 batches = [None]
             else:
                 order = rng.permutation(train_idx)
                 batches = [order[i:i + BATCH] for i in range(0, order.size, BATCH)]
             t = np.zeros(3)
-            steps, loss_sum, iters, unconv, flagged = [], 0.0, 0.0, 0, 0
+            steps, loss_sum, iters, adjoint, unconv, flagged = [], 0.0, 0.0, 0.0, 0, 0
             for idx in batches:
                 if node:
                     c, x, y, hd, lab = cell, b.x, b.y, head, b.labelled
@@ -214,16 +218,23 @@ def train_run(kind: str, b: Batches, method: str, seed: int, m: int, epochs: int
                 steps.append(t3 - t0)
                 loss_sum += L * (1 if node else len(idx))
                 iters += float(np.mean(res.n_iter))
+                if "adjoint" in g.diagnostics:                  # implicit: the adjoint's iterations
+                    adjoint += float(np.mean(g.diagnostics["adjoint"].n_iter))
                 unconv += int(np.sum(~np.asarray(res.converged)))
                 # flags beyond the forward's own (counted in forward_unconverged): the adjoint's
                 flagged += int(any("the forward solve" not in f for f in g.flags))
-            ev = evaluate(kind, cell, head, b)
+            if epoch % eval_every == 0 or epoch == epochs:                # not timed
+                ev = evaluate(kind, cell, head, b)
+                for k, v in (("eval_epoch", epoch), ("test_acc", ev["acc"]), ("test_loss", ev["loss"]),
+                             ("test_converged", ev["converged"])):
+                    hist[k].append(v)
             n_train = 1 if node else train_idx.size
-            for k, v in (("train_loss", loss_sum / n_train), ("test_acc", ev["acc"]), ("test_loss", ev["loss"]),
+            for k, v in (("train_loss", loss_sum / n_train),
                          ("time_forward", t[0]), ("time_backward", t[1]), ("time_update", t[2]),
                          ("step_median", float(np.median(steps)) * len(steps)),
-                         ("forward_iters", iters / len(batches)), ("forward_unconverged", unconv),
-                         ("estimator_flagged", flagged), ("test_converged", ev["converged"])):
+                         ("forward_iters", iters / len(batches)),
+                         ("adjoint_iters", adjoint / len(batches) if est == "implicit" else None),
+                         ("forward_unconverged", unconv), ("estimator_flagged", flagged)):
                 hist[k].append(v)
     hist["seed"], hist["steps_per_epoch"] = seed, len(batches)
     bad = {k: sum(hist[k]) for k in ("forward_unconverged", "estimator_flagged")}
@@ -257,6 +268,8 @@ def _stats(runs: list, ref: list | None) -> dict:
            "time_backward_s": float(t_bwd.mean()),
            "backward_ms_per_step": float(1e3 * np.mean(t_bwd / steps)),
            "forward_iters": float(np.mean([np.mean(r["forward_iters"]) for r in runs])),
+           "adjoint_iters": (float(np.mean([np.mean(r["adjoint_iters"]) for r in runs]))
+                             if runs[0]["adjoint_iters"][0] is not None else None),
            "forward_unconverged": int(sum(sum(r["forward_unconverged"]) for r in runs)),
            "estimator_flagged": int(sum(sum(r["estimator_flagged"]) for r in runs))}
     if ref is not None:
@@ -280,7 +293,8 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
         runs = {name: [] for name in names}
         for i, s in enumerate(seeds):                     # interleaved, order rotated per seed
             for name in names[i % len(names):] + names[:i % len(names)]:
-                runs[name].append(train_run(kind, batches[s], name, s, cfg["m"], cfg["epochs"][task]))
+                runs[name].append(train_run(kind, batches[s], name, s, cfg["m"], cfg["epochs"][task],
+                                            EVAL_EVERY[task]))
         d0 = batches[seeds[0]].data
         tasks[task] = {
             "kind": kind, "epochs": cfg["epochs"][task],
