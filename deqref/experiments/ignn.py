@@ -30,8 +30,8 @@ deqref's teaching-scale version, the same for every method (only the backward di
   projected onto an ℓ1 ball, on the training graphs), so F stays a contraction and h* exists
   and is unique all along training (see docs/results.md on why the trained experiments keep
   their model well posed);
-- forward: fixed-point iteration (IGNN solves by fixed-point iteration), to relative residual
-  1e-6, at most 300 iterations;
+- forward: fixed-point iteration to relative residual 1e-6, at most 300 iterations (IGNN's code,
+  ``ImplicitFunction``, solves forward and backward by fixed-point iteration, at most 300 each);
 - backward: implicit = the adjoint y = ∂F/∂h y + g by fixed-point iteration to relative residual
   1e-6, at most 300 iterations (``estimate("implicit", method="fixed_point", tol=1e-6,
   n_iter=300)``); UPG A_{5,0.5} and A_{5,1.0} (k = 5; λ = 0.5, 1.0), the loss at h_5
