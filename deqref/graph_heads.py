@@ -15,9 +15,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import DTYPES, Backend, check_backend, check_finite, check_seed, check_shape, require_arrays
+from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed, check_shape,
+                      require_arrays)
 from .checks import check_choice, check_int
-from .heads import check_nonempty
+
+
+def _same_backend(name: str, a, ref) -> None:
+    """``a`` (a bool or integer array, which ``namespace`` does not take) lives on ``ref``'s backend."""
+    try:
+        be = backend_of(a)
+    except TypeError as err:
+        raise TypeError(f"{name}: {err}") from None
+    if be.name != backend_of(ref).name:
+        raise TypeError(f"{name} is a {be.name} array but the read-out's are {backend_of(ref).name} "
+                        "arrays: mixing backends is not allowed (move it with backend.from_host)")
 
 
 def _check_V_c(V, c) -> None:
@@ -95,7 +106,8 @@ class GraphHead(_Head):
     def __init__(self, V, c, mask):
         super().__init__(V, c)
         xp = require_arrays(V=V)
-        if not hasattr(mask, "shape") or len(mask.shape) != 2:
+        _same_backend("mask", mask, V)
+        if len(mask.shape) != 2:
             raise ValueError(f"mask must be a (n, N) array (bool, or 0/1 as GraphCell.mask), got "
                              f"{type(mask).__name__} of shape {getattr(mask, 'shape', None)}")
         mask01 = xp.astype(mask, V.dtype)                           # (n, N) 1 on real nodes
@@ -151,9 +163,12 @@ def masked_cross_entropy(logits, labels, labelled):
     xp = require_arrays(logits=logits)
     check_shape("logits", logits, (None, None, None))
     n, N, q = logits.shape
-    check_nonempty("logits", logits[:, 0, :])
+    if n < 1 or N < 1 or q < 1:
+        raise ValueError(f"logits must hold at least one graph, node and class (n, N, q >= 1), "
+                         f"got shape {tuple(logits.shape)}")
     check_finite("logits", logits)
     for name, a, kind in (("labels", labels, "int"), ("labelled", labelled, "bool")):
+        _same_backend(name, a, logits)
         check_shape(name, a, (n, N))
         if kind not in str(a.dtype):
             raise TypeError(f"{name} must be a {kind} array, got dtype {a.dtype}")

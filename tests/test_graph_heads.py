@@ -133,6 +133,11 @@ def test_bad_input_names_the_argument(setup, arr, be):
         GraphHead(V, c, be.from_host(np.zeros((n, N), dtype=bool)))
     with pytest.raises(ValueError, match="^mask must be a"):
         GraphHead(V, c, arr(np.ones(n)))
+    with pytest.raises(TypeError, match="^mask"):
+        GraphHead(V, c, [[True] * N] * n)                             # not an array
+    with pytest.raises(ValueError, match="^logits must hold at least one"):
+        masked_cross_entropy(arr(np.zeros((n, 0, q))), be.from_host(np.zeros((n, 0), dtype=np.int64)),
+                             be.from_host(np.zeros((n, 0), dtype=bool)))
     with pytest.raises(ValueError, match="^mask must hold only 0"):
         GraphHead(V, c, arr(np.full((n, N), 0.5)))
     with pytest.raises(ValueError, match="^dL_dy must have shape"):
