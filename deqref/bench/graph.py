@@ -143,6 +143,7 @@ def measure(sizes: dict, log=print) -> list:
             fn()
             times[key].append(time.perf_counter() - t0)
     rows = []
+    products = _product_times(prob, sizes["repeats"])
     for name in ESTIMATORS:
         ours = times[(name, "deqref")]
         row = {"estimator": name, "N": prob.N, "m": prob.m, "p": prob.p, "d": prob.m * prob.N,
@@ -155,7 +156,31 @@ def measure(sizes: dict, log=print) -> list:
             g = prob.backward(name)()
             row["grad_rel_diff"] = max(_rel(g.grads[k], v) for k, v in sides[(name, "torch")]().items())
         rows.append(row)
-    return rows
+    return rows, products
+
+
+def _product_times(prob: Problem, repeats: int) -> dict:
+    """The median time of one product Â (V ⊙ S)ᵀ — (N, N) by (N, m), the unit of work every
+    estimator here repeats — with NumPy's BLAS and with PyTorch's, in ms."""
+    rng = np.random.default_rng(2)
+    A, R = to_numpy(prob.cell.A_hat)[0], rng.standard_normal((prob.N, prob.m))
+    fns = {"numpy": lambda: A @ R}
+    try:
+        import torch
+        tA, tR = torch.tensor(A), torch.tensor(R)
+        fns["torch"] = lambda: tA @ tR
+    except ImportError:
+        pass
+    out = {}
+    for k, f in fns.items():
+        f()
+        ts = []
+        for _ in range(max(repeats, 5)):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        out[k] = 1e3 * statistics.median(ts)
+    return out
 
 
 def markdown(data: dict) -> str:
@@ -179,6 +204,11 @@ def markdown(data: dict) -> str:
         ratio = f"{r['ratio']:.2f}" if "ratio" in r else "—"
         diff = f"{r['grad_rel_diff']:.1e}" if "grad_rel_diff" in r else "—"
         out.append(f"| {r['estimator']} | {fmt(r['deqref_ms'])} | {theirs} | {ratio} | {diff} |")
+    pm = data.get("product_ms", {})
+    if pm:
+        out += ["", "One product Â (V ⊙ S)ᵀ, (N, N) by (N, m), the unit of work every estimator "
+                "repeats: " + ", ".join(f"{k} {v:.2f} ms" for k, v in pm.items())
+                + " (the BLAS each side calls; implicit makes about 21 of them on either side)."]
     return "\n".join(out) + "\n"
 
 
@@ -194,9 +224,9 @@ def main(argv=None) -> int:
     with warnings.catch_warnings(), limit_blas_threads(1):
         warnings.simplefilter("ignore", ConvergenceWarning)     # tol 0: set iteration counts
         t0 = time.perf_counter()
-        rows = measure(SIZES[mode])
+        rows, products = measure(SIZES[mode])
     data = {"mode": mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": machine(), "sizes": SIZES[mode], "rows": rows,
+            "machine": machine(), "sizes": SIZES[mode], "rows": rows, "product_ms": products,
             "total_s": time.perf_counter() - t0}
     md = markdown(data)
     print(md)
