@@ -13,7 +13,7 @@ from collections.abc import Mapping
 # name -> module under deqref.experiments (the paper figure it reproduces in the docstring)
 # accuracy_speed before ablation: it times its runs interleaved, and the ablation reuses them
 ORDER = ("solver_traces", "static_precision", "theorem1", "complexity", "dynamic_precision",
-         "gdeq_precision", "accuracy_speed", "ablation", "jfb_batch", "ignn")
+         "gdeq_precision", "accuracy_speed", "ablation", "jfb_batch", "ignn", "conv_deq")
 
 
 class _Registry(Mapping):
