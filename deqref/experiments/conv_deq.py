@@ -68,6 +68,7 @@ import numpy as np
 
 from .. import claims as C
 from .. import jacobian_reg as jr
+from ..backend import use_backend
 from ..conv import ConvCell
 from ..data import Dataset, digits
 from ..gradients import estimate, output, shared_unrolls
@@ -331,7 +332,7 @@ def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     before = machine()
     t0 = time.perf_counter()
-    with one_blas_thread():
+    with use_backend("numpy"), one_blas_thread():     # NumPy: tracemalloc sees its buffers
         data = measure(seed, mode)
     data["setting"]["wall_s"] = time.perf_counter() - t0
     data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
