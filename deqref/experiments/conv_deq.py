@@ -229,6 +229,12 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
                 rec[k].append(v)
     rec["val_acc"], rec["val_loss"], rec["val_converged"] = _accuracy(cell, head, data.x_val, data.y_val)
     rec["wall_s"] = time.perf_counter() - t_run
+    n_bad, n_flag = sum(rec["forward_unconverged"]), sum(rec["flagged_batches"])
+    if n_bad or n_flag or rec["val_converged"] < 1:            # one warning per run, as ``train``
+        warnings.warn(f"conv_deq: {METHODS[name][3]} seed {seed}: the forward did not converge for "
+                      f"{n_bad} training sample(s) over {epochs} epoch(s) and for "
+                      f"{1 - rec['val_converged']:.1%} of the validation images; {n_flag} batch(es) "
+                      f"had a flagged gradient", ConvergenceWarning, stacklevel=2)
     return rec
 
 
