@@ -164,10 +164,11 @@ def test_jr_step_adds_the_penalty_gradient(batch):
 
 
 def test_non_convergence_is_recorded(monkeypatch):
-    """``ConvCell.random`` unscaled does not converge in 18 Broyden iterations on these images;
+    """``ConvCell.random`` with injection 1 does not converge in 18 Broyden iterations here;
     the run must say so, in its record and with one ConvergenceWarning. Oracle: the relative residual ‖F(h) − h‖ / ‖F(h)‖ > 1e-4 computed here,
     on the same forward, for every sample the record counts."""
     monkeypatch.setattr(M, "INIT", {})
+    monkeypatch.setattr(M, "INJECTION", 1.0)
     data = digits(0).subset(64, 64)
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         rec = M.train_run("upg", data, 4, 2, 0, 1, 64)

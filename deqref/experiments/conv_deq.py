@@ -19,8 +19,8 @@ backward"). deqref's teaching-scale version, the same for every method but the b
 - model: the convolutional cell ``ConvCell`` (MDEQ's residual block, one resolution, C channels,
   G GroupNorm groups; h rows (n, C·64)), and ``LinearHead`` on the whole state h* (C·64 → 10;
   no pooling: at 8 × 8 the position of a stroke is the feature), cross-entropy;
-- initialization (``init_cell``): ``ConvCell.random`` with the injection kernel U × 10 and GN₃'s
-  affine (γ₃, β₃) × 0.5. GroupNorm makes F scale invariant, so no projection makes it a
+- initialization (``init_cell``): ``ConvCell.random(..., injection=10)`` (the injection kernel
+  U × 10) and GN₃'s affine (γ₃, β₃) × 0.5. GroupNorm makes F scale invariant, so no projection makes it a
   contraction (``ConvCell.project`` is a no-op); what decides whether the iteration settles is
   how much of GN₂'s input comes from the input x rather than from h, and the gain γ₃ of the
   residual path. With ``ConvCell.random`` as it is, Broyden does not converge on any sample in
@@ -85,7 +85,8 @@ MODES = {
 LR = 5e-3
 FORWARD = {"tol": 1e-4, "max_iter": 18, "m": 30}          # Broyden, GDEQ's 18 forward iterations
 IMPLICIT_ITERS = 20                                        # backward Broyden iterations, as in [2]
-INIT = {"U": 10.0, "gamma3": 0.5, "beta3": 0.5}            # ConvCell.random's parameters scaled
+INJECTION = 10.0                                           # ConvCell.random(injection=...)
+INIT = {"gamma3": 0.5, "beta3": 0.5}                       # then GN₃'s affine scaled
 JR_WEIGHT = 1.0                                            # λ_JR
 JR_PROBES = 1                                              # Hutchinson probes per sample
 
@@ -112,8 +113,9 @@ PAPER = {
 
 # ---------------------------------------------------------------- the model
 def init_cell(C: int, G: int, seed: int) -> ConvCell:
-    """``ConvCell.random(C, 1, 8, 8, G, seed=seed)`` with U, γ₃, β₃ scaled by ``INIT``."""
-    cell = ConvCell.random(C=C, C_x=1, H=8, W=8, G=G, seed=seed)
+    """``ConvCell.random(C, 1, 8, 8, G, seed=seed, injection=INJECTION)`` with γ₃, β₃ scaled
+    by ``INIT``."""
+    cell = ConvCell.random(C=C, C_x=1, H=8, W=8, G=G, seed=seed, injection=INJECTION)
     return cell.with_params({k: v * INIT.get(k, 1.0) for k, v in cell.params().items()})
 
 
@@ -321,7 +323,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
     return {"setting": {"mode": mode, "seed": seed, "seeds": seeds, "data": "digits (scikit-learn 8x8), 1 x 8 x 8 images",
                         "n_train": cfg["n_train"], "n_val": cfg["n_val"], "C": cfg["C"], "G": cfg["G"],
                         "d": cell.d, "d_x": cell.d_x, "d_theta": cell.d_theta, "head": "LinearHead on h* (d -> 10)",
-                        "init_scale": INIT, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
+                        "injection": INJECTION, "init_scale": INIT, "loss": "cross-entropy", "optimizer": "adam", "lr": LR,
                         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"],
                         "forward": {"solver": "broyden", **FORWARD}, "implicit_backward_iters": IMPLICIT_ITERS,
                         "jr": {"weight": JR_WEIGHT, "probes": JR_PROBES, "estimator": "hutchinson",
