@@ -42,7 +42,7 @@ def plot_conv_deq(data: dict, path: Path) -> None:
     for yi, n, x in zip(y, names, left):
         r = methods[n]["summary"]
         ax_time.text(x, yi, f" {r['speedup_train']:.2f}× / {r['speedup_backward']:.1f}×", va="center", fontsize=7.5)
-    ax_time.set(yticks=y, yticklabels=[], xlim=(0, 1.45 * left.max()),
+    ax_time.set(yticks=y, yticklabels=[], xlim=(0, 1.6 * left.max()),
                 xlabel="median training step, ms (mean over seeds)",
                 title="speed-up over implicit: step / backward")
     ax_time.legend(fontsize=7.5, loc="lower right")
