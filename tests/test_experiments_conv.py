@@ -9,6 +9,7 @@ import pytest
 
 from deqref import claims as C
 from deqref import jacobian_reg as jr
+from deqref.backend import get_backend, to_numpy
 from deqref.data import digits
 from deqref.experiments import EXPERIMENTS, ORDER
 from deqref.experiments import conv_deq as M
@@ -132,7 +133,7 @@ def batch():
     """A forward converged to 1e-10 at the experiment's initialization on 16 digits, C = 4 (so
     that the comparisons below are not limited by the training forward's 1e-4)."""
     data = digits(0)
-    x, y = data.x_train[:16], data.y_train[:16]
+    x, y = data.x_train[:16, ...], data.y_train[:16]
     cell = M.init_cell(4, 2, seed=0)
     head = M.init_head(cell, 0)
     res = solve(cell, x, method="broyden", tol=1e-10, max_iter=200, m=60)
@@ -163,13 +164,15 @@ def test_jr_step_adds_the_penalty_gradient(batch):
     cell, x, res, dh = batch
     plain, _ = M.gradient("implicit", cell, x, res, dh, probe_seed=7)
     with_jr, _ = M.gradient("implicit_jr", cell, x, res, dh, probe_seed=7)
-    diff = cell.flatten(with_jr) - cell.flatten(plain)
+    diff = to_numpy(cell.flatten(with_jr) - cell.flatten(plain))
     v = np.random.default_rng(3).standard_normal(cell.d_theta)
     t = 1e-5
+    be, theta = get_backend(), to_numpy(cell.theta)
 
     def R(theta):
-        return jr.penalty(cell.with_theta(theta), res.h, x, method="hutchinson", n_probes=M.JR_PROBES, seed=7)
-    fd = (R(cell.theta + t * v) - R(cell.theta - t * v)) / (2 * t)
+        return jr.penalty(cell.with_theta(be.asarray(theta)), res.h, x, method="hutchinson",
+                          n_probes=M.JR_PROBES, seed=7)
+    fd = (R(theta + t * v) - R(theta - t * v)) / (2 * t)
     assert M.JR_WEIGHT * fd == pytest.approx(diff @ v, rel=1e-6)
 
 
@@ -183,10 +186,11 @@ def test_non_convergence_is_recorded(monkeypatch):
     with pytest.warns(ConvergenceWarning, match="did not converge"):
         rec = M.train_run("upg", data, 4, 2, 0, 1, 64)
     cell = M.init_cell(4, 2, 0)
-    res = solve(cell, data.x_train[np.random.default_rng(104729).permutation(64)], method="broyden",
-                warn=False, **M.FORWARD)
-    F = cell(res.h, data.x_train[np.random.default_rng(104729).permutation(64)])
-    rel = np.linalg.norm(F - res.h, axis=1) / np.linalg.norm(F, axis=1)
+    be = get_backend()
+    x = be.xp.take(data.x_train, be.from_host(np.random.default_rng(104729).permutation(64)), axis=0)
+    res = solve(cell, x, method="broyden", warn=False, **M.FORWARD)
+    F, h = to_numpy(cell(res.h, x)), to_numpy(res.h)
+    rel = np.linalg.norm(F - h, axis=1) / np.linalg.norm(F, axis=1)
     assert rec["forward_unconverged"] == [int(np.sum(rel > M.FORWARD["tol"]))]
     assert rec["forward_unconverged"][0] > 32 and rec["forward_converged"][0] < 0.5
 

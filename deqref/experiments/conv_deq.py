@@ -73,7 +73,7 @@ import numpy as np
 
 from .. import claims as C
 from .. import jacobian_reg as jr
-from ..backend import use_backend
+from ..backend import backend_of, to_numpy, use_backend
 from ..conv import ConvCell
 from ..data import Dataset, digits
 from ..gradients import estimate, output, shared_unrolls
@@ -157,7 +157,7 @@ def _forward(name, cell, head, x, y):
     est, opts, _, _ = METHODS[name]
     res, flags = _recorded(solve, cell, x, method="broyden", warn=True, **FORWARD)
     h_out, more = _recorded(output, est, cell, x, res, **opts)
-    if not np.all(np.isfinite(h_out)):
+    if not bool(cell.xp.all(cell.xp.isfinite(h_out))):
         raise FloatingPointError(f"conv_deq: {name}'s output h is not finite")
     loss, dy = cross_entropy(head(h_out), y)
     return res, h_out, loss, dy, flags + more
@@ -167,7 +167,8 @@ def _accuracy(cell, head, x, y) -> tuple[float, float, float]:
     """(accuracy, loss, fraction converged) at h* on (x, y), the training forward."""
     res, _ = _recorded(solve, cell, x, method="broyden", warn=True, **FORWARD)
     logits = head(res.h)
-    return (float(np.mean(np.argmax(logits, axis=1) == y)), cross_entropy(logits, y)[0],
+    hits = np.argmax(to_numpy(logits), axis=1) == to_numpy(y)
+    return (float(np.mean(hits)), cross_entropy(logits, y)[0],
             float(res.converged.mean()))
 
 
@@ -187,6 +188,7 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
     rec["flag_examples"], rec["seed"] = [], seed
     step = 0
     t_run = time.perf_counter()
+    be = backend_of(data.x_train)
     with shared_unrolls():
         for epoch in range(epochs):
             perm = rng.permutation(n)
@@ -194,8 +196,9 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
             loss_sum = iters = conv = penalty = 0.0
             unconv = flagged = 0
             for i in range(n_batches):
-                idx = perm[i * batch_size:(i + 1) * batch_size]
-                x, y = data.x_train[idx], data.y_train[idx]
+                idx = be.from_host(perm[i * batch_size:(i + 1) * batch_size])
+                x, y = be.xp.take(data.x_train, idx, axis=0), be.xp.take(data.y_train, idx, axis=0)
+                m = x.shape[0]
                 t0 = time.perf_counter()
                 res, h_out, loss, dy, flags = _forward(name, cell, head, x, y)
                 t1 = time.perf_counter()
@@ -204,13 +207,13 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
                 t2 = time.perf_counter()
                 new = opt.step({**cell.params(), "V": head.V, "c": head.c}, {**grads, **head_grads})
                 t3 = time.perf_counter()
-                bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
+                bad = [k for k, v in new.items() if not bool(be.xp.all(be.xp.isfinite(v)))]
                 if bad:
                     raise FloatingPointError(f"conv_deq: {name} seed {seed} diverged at epoch {epoch}, "
                                              f"batch {i}: parameters {bad} not finite")
                 if METHODS[name][2]:                        # the penalty, for the record (not timed)
                     penalty += jr.penalty(cell, res.h, x, method="hutchinson", n_probes=JR_PROBES,
-                                          seed=seed * 100003 + step) * len(idx)
+                                          seed=seed * 100003 + step) * m
                 cell = cell.with_params({k: new[k] for k in cell.PARAMS})
                 head = LinearHead(new["V"], new["c"])
                 for k, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
@@ -218,9 +221,9 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
                 rec["step_time"].append(t3 - t0)
                 rec["step_forward"].append(t1 - t0)
                 rec["step_backward"].append(t2 - t1)
-                loss_sum += loss * len(idx)
-                iters += float(res.n_iter.mean()) * len(idx)
-                conv += float(res.converged.mean()) * len(idx)
+                loss_sum += loss * m
+                iters += float(res.n_iter.mean()) * m
+                conv += float(res.converged.mean()) * m
                 unconv += int((~res.converged).sum())
                 lines = [f for f in flags + more if "forward solve" not in f and not f.startswith("broyden")]
                 flagged += int(bool(lines))
