@@ -71,7 +71,8 @@ def im2col(z):
     """The 9 shifted copies of z that (C1) sums over, as columns   # (n, C·9, H·W)
 
     cols[n, (c, a, b), (i, j)] = z_pad[n, c, i + a, j + b], so that (C1) is one matrix product
-    out[n] = K.reshape(C_out, C_in·9) @ cols[n].
+    out[n] = K.reshape(C_out, C_in·9) @ cols[n] (``conv2d`` computes the same sum from three
+    copies, ``row_shifts``); the kernel's VJP and ``conv_kernel_matrix`` take cols as it is.
     """
     xp = _xp(z)
     n, C, H, W = z.shape
@@ -81,15 +82,40 @@ def im2col(z):
     return xp.reshape(cols, (n, C * KERNEL * KERNEL, H * W))
 
 
-def conv2d(z, K, cols=None):
-    """(C1) by im2col: out[n] = K_mat @ cols[n]   # (n, C_out, H, W)
+def row_shifts(z):
+    """The three horizontal shifts of z, each with a zero row above and below, rows flattened
+    # (n, C·3, (H + 2)·W)
 
-    ``cols`` = ``im2col(z)`` when already at hand (the kernel's VJP needs it too)."""
+    shifts[n, (c, b), i′·W + j] = z_pad[n, c, i′, j + b] for i′ = 0 … H + 1 (z_pad of (C1)):
+    tap (a, b) of (C1) at every output pixel (i, j) is then the window of H·W consecutive
+    entries from a·W on, shifts[n, (c, b), a·W + i·W + j]. Three copies of z instead of
+    im2col's nine, and each window is a strided view, not a copy.
+    """
     xp = _xp(z)
-    n, _, H, W = z.shape
+    n, C, H, W = z.shape
+    out = xp.zeros((n, C, KERNEL, H + 2, W), dtype=z.dtype)
+    out[:, :, 0, 1:H + 1, 1:] = z[:, :, :, :W - 1]                  # b = 0 reads column j − 1
+    out[:, :, 1, 1:H + 1, :] = z
+    out[:, :, 2, 1:H + 1, :W - 1] = z[:, :, :, 1:]                  # b = 2 reads column j + 1
+    return xp.reshape(out, (n, C * KERNEL, (H + 2) * W))
+
+
+def conv2d(z, K):
+    """(C1) as three products, one per kernel row a   # (n, C_out, H, W)
+
+        out[n] = Σ_a K[:, :, a, :].reshape(C_out, C_in·3) @ shifts[n, :, a·W : a·W + H·W]
+
+    with ``row_shifts(z)``: the same sum over (c, a, b) as im2col's out[n] =
+    K.reshape(C_out, C_in·9) @ im2col(z)[n], without building the nine shifted copies."""
+    xp = _xp(z)
+    n, C_in, H, W = z.shape
     C_out = K.shape[0]
-    cols = im2col(z) if cols is None else cols                          # (n, C_in·9, H·W)
-    out = xp.reshape(K, (C_out, -1)) @ cols                             # (n, C_out, H·W)
+    shifts = row_shifts(z)                                          # (n, C_in·3, (H + 2)·W)
+    out = None
+    for a in range(KERNEL):
+        K_a = xp.reshape(K[:, :, a, :], (C_out, C_in * KERNEL))     # (C_out, C_in·3)
+        term = K_a @ shifts[:, :, a * W:a * W + H * W]              # (n, C_out, H·W)
+        out = term if out is None else out + term
     return xp.reshape(out, (n, C_out, H, W))
 
 
@@ -111,11 +137,15 @@ def conv2d_vjp_kernel(g, cols):
 
     ∂out[n, o, i, j]/∂K[o′, c, a, b] = δ_oo′ z_pad[n, c, i + a, j + b], so
         grad_K[o, (c, a, b)] = Σ_{n, (i, j)} g[n, o, (i, j)] · cols[n, (c, a, b), (i, j)].
+
+    Per sample a (C_out, H·W) by (H·W, C_in·9) product with cols[n] read transposed, then the
+    sum over the batch (a contraction over both axes at once would first copy cols transposed).
     """
     xp = _xp(g)
     n, C_out, H, W = g.shape
     C9 = cols.shape[1]
-    grad = xp.tensordot(xp.reshape(g, (n, C_out, H * W)), cols, axes=([0, 2], [0, 2]))
+    per_sample = xp.reshape(g, (n, C_out, H * W)) @ xp.permute_dims(cols, (0, 2, 1))
+    grad = xp.sum(per_sample, axis=0)                                     # (C_out, C_in·9)
     return xp.reshape(grad, (C_out, C9 // (KERNEL * KERNEL), KERNEL, KERNEL))
 
 
@@ -147,9 +177,10 @@ class GroupStats:
         self.shape, self.G, self.M = (n, C, H, W), G, (C // G) * H * W
         xg = xp.reshape(x, (n, G, self.M))                                 # (n, G, M)
         mu = xp.mean(xg, axis=2, keepdims=True)                            # (n, G, 1)
-        var = xp.mean((xg - mu) ** 2, axis=2, keepdims=True)               # (n, G, 1)
+        centred = xg - mu                                                  # (n, G, M)
+        var = xp.mean(centred * centred, axis=2, keepdims=True)            # (n, G, 1)
         self.sigma = xp.sqrt(var + eps)                                    # (n, G, 1)
-        self.x_hat = (xg - mu) / self.sigma                                # (n, G, M)
+        self.x_hat = centred / self.sigma                                  # (n, G, M)
 
     def grouped(self, v):
         """v (n, C, H, W) seen as (n, G, M)."""
