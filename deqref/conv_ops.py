@@ -138,14 +138,15 @@ def conv2d_vjp_kernel(g, cols):
     ∂out[n, o, i, j]/∂K[o′, c, a, b] = δ_oo′ z_pad[n, c, i + a, j + b], so
         grad_K[o, (c, a, b)] = Σ_{n, (i, j)} g[n, o, (i, j)] · cols[n, (c, a, b), (i, j)].
 
-    Per sample a (C_out, H·W) by (H·W, C_in·9) product with cols[n] read transposed, then the
-    sum over the batch (a contraction over both axes at once would first copy cols transposed).
+    Per sample cols[n] (C_in·9, H·W), read as it lies, times g[n]ᵀ (H·W, C_out), then the sum
+    over the batch and one transpose of the small result (a contraction over both axes at once
+    would first copy cols transposed).
     """
     xp = _xp(g)
     n, C_out, H, W = g.shape
     C9 = cols.shape[1]
-    per_sample = xp.reshape(g, (n, C_out, H * W)) @ xp.permute_dims(cols, (0, 2, 1))
-    grad = xp.sum(per_sample, axis=0)                                     # (C_out, C_in·9)
+    per_sample = cols @ xp.permute_dims(xp.reshape(g, (n, C_out, H * W)), (0, 2, 1))
+    grad = xp.permute_dims(xp.sum(per_sample, axis=0), (1, 0))            # (C_out, C_in·9)
     return xp.reshape(grad, (C_out, C9 // (KERNEL * KERNEL), KERNEL, KERNEL))
 
 
