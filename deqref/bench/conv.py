@@ -24,8 +24,9 @@ step with grad. Min, median and max of interleaved repeats after a warm-up; one 
 the GroupNorm affines, the head's V and c) of max |Δ| / max |torch's|.
 
 Where deqref's time goes: the same step split into its phases (the forward solve, UPG's k
-steps, head and loss, the reverse pass), each timed alone, and cProfile's own time per
-function of ``deqref.conv_ops`` over a few steps.
+steps, head and loss, the reverse pass), each timed alone, and by cProfile over a few steps into
+its kinds of work (``PARTS``: the convolutions' copies and products, the kernel VJPs, GroupNorm
+and its VJPs, ReLU, the solver's bookkeeping) and the reverse pass's three kinds of VJP.
 """
 from __future__ import annotations
 
@@ -177,8 +178,10 @@ def phases(prob: Problem, repeats: int) -> dict:
 
 
 # the parts of a step, as (label, module, function, "cum" or "own"): disjoint pieces of work
-PARTS = (("im2col: padding and the 9 shifted copies", "conv_ops", "im2col", "cum"),
-         ("convolution products K @ cols", "conv_ops", "conv2d", "own"),
+PARTS = (("convolutions' three row-shifted copies (row_shifts)", "conv_ops", "row_shifts",
+          "cum"),
+         ("convolutions' products (three per convolution)", "conv_ops", "conv2d", "own"),
+         ("im2col for the kernel VJPs (nine shifted copies)", "conv_ops", "im2col", "cum"),
          ("kernel VJPs Σ_n g_n cols_nᵀ", "conv_ops", "conv2d_vjp_kernel", "cum"),
          ("GroupNorm forward", "conv_ops", "group_norm", "cum"),
          ("GroupNorm VJPs", "conv_ops", "group_norm_vjp", "cum"),
@@ -324,11 +327,15 @@ def markdown(data: dict) -> str:
             "UPG's 5 steps are taken once for the loss's state and the backward, as TorchDEQ "
             "takes them once."]
     if data.get("notes"):
-        out += [""] + data["notes"]
+        out += data["notes"]
     return "\n".join(out).rstrip() + "\n"
 
 
-NOTES = []
+NOTES = ["- deqref's convolutions (``conv_ops.conv2d``) copy their input three times, shifted by "
+         "a column either way with a zero row above and below, and sum three products over "
+         "strided windows of those copies (one per kernel row), instead of building im2col's "
+         "nine shifted copies; the kernel VJPs still take im2col's columns. PyTorch's "
+         "convolutions and GroupNorm are compiled kernels; deqref's are NumPy array programs."]
 
 
 def main(argv=None) -> int:
