@@ -331,7 +331,7 @@ def markdown(data: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-NOTES = ["- deqref's convolutions (``conv_ops.conv2d``) copy their input three times, shifted by "
+NOTES = ["- deqref's convolutions (`conv_ops.conv2d`) copy their input three times, shifted by "
          "a column either way with a zero row above and below, and sum three products over "
          "strided windows of those copies (one per kernel row), instead of building im2col's "
          "nine shifted copies; the kernel VJPs still take im2col's columns. PyTorch's "
