@@ -39,34 +39,10 @@ class Forward:
 
 class ConvLinearization:
     """(M1)'s derivatives at one (h, x) as products (``deqref.cell.Linearization``): the
-    forward intermediates (GroupNorm's x̂ and σ, ReLU's masks) computed once and shared.
-
-    The VJPs in h, x and θ of one vector v share its backward pass to a₁ (``_back``): it is
-    kept with a copy of the last v and reused while v holds the same values (an O(d)
-    comparison), so an estimator's last step or an unrolled reverse pass, which ask all three
-    of one v, runs it once; a v changed in place since is seen and recomputed. The im2col
-    matrices of z, r₁ and x that the kernels' VJPs read are built once per linearization."""
+    forward intermediates (GroupNorm's x̂ and σ, ReLU's masks) computed once and shared."""
 
     def __init__(self, cell: "ConvCell", fwd: Forward):
         self.cell, self.fwd = cell, fwd
-        self._last = (None, None)                     # (copy of v, its backward pass)
-        self._cols = {}                               # im2col of z, r₁, x, on first use
-
-    def _back(self, v):
-        """(g_a3, g_a2, g_a1, the (γ, β) gradients) for v, kept for the last v asked."""
-        xp = self.cell.xp
-        last = self._last[0]
-        if last is None or last.shape != v.shape or not bool(xp.all(last == v)):
-            g_a3, g_a2, grads = self._back_to_a2(v)
-            g_a1, g_gamma1, g_beta1 = self._back_to_a1(g_a2)
-            grads = {**grads, "gamma1": g_gamma1, "beta1": g_beta1}
-            self._last = (xp.asarray(v, copy=True), (g_a3, g_a2, g_a1, grads))
-        return self._last[1]
-
-    def _im2col(self, name):
-        if name not in self._cols:
-            self._cols[name] = ops.im2col(getattr(self.fwd, name))
-        return self._cols[name]
 
     def _back_to_a2(self, v):
         """v = ∂L/∂F (n, d) back to ∂L/∂a₂ and ∂L/∂a₃, with GN₃'s and GN₂'s (γ, β) parts."""
@@ -84,22 +60,26 @@ class ConvLinearization:
 
     def vjp_h(self, v):
         """∂F/∂h · v = vᵀ J_h per sample, (M2) backwards   # (n, d)"""
-        g_a3, _, g_a1, _ = self._back(v)
+        g_a3, g_a2, _ = self._back_to_a2(v)
+        g_a1 = self._back_to_a1(g_a2)[0]
         g_z = g_a3 + ops.conv2d_vjp_input(g_a1, self.cell.K1)                 # residual + T₁ᵀ
         return self.cell.flat(g_z)
 
     def vjp_x(self, v):
         """∂F/∂x · v per sample: back to a₂, then U ⋆'s transpose   # (n, d_x)"""
-        g_a2 = self._back(v)[1]
+        g_a2 = self._back_to_a2(v)[1]
         return self.cell.flat(ops.conv2d_vjp_input(g_a2, self.cell.U))
 
     def vjp_theta(self, v) -> dict:
         """Σ over the batch of ∂F/∂θ · v, as a dict of parameter-shaped arrays."""
-        _, g_a2, g_a1, grads = self._back(v)
-        grads = {**grads, "K1": ops.conv2d_vjp_kernel(g_a1, self._im2col("z")),
-                 "K2": ops.conv2d_vjp_kernel(g_a2, self._im2col("r1")),
-                 "U": ops.conv2d_vjp_kernel(g_a2, self._im2col("x_img"))}
-        return {name: grads[name] for name in self.cell.PARAMS}
+        c, f = self.cell, self.fwd
+        _, g_a2, grads = self._back_to_a2(v)
+        g_a1, g_gamma1, g_beta1 = self._back_to_a1(g_a2)
+        grads.update(gamma1=g_gamma1, beta1=g_beta1,
+                     K1=ops.conv2d_vjp_kernel(g_a1, ops.im2col(f.z)),
+                     K2=ops.conv2d_vjp_kernel(g_a2, ops.im2col(f.r1)),
+                     U=ops.conv2d_vjp_kernel(g_a2, ops.im2col(f.x_img)))
+        return {name: grads[name] for name in c.PARAMS}
 
     def vjp_theta_dh(self, v, u) -> dict:
         """d/dt [Σ_batch ∂F/∂θ · v at (h + t u, x)] at t = 0: the parameter VJP differentiated
