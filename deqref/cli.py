@@ -4,7 +4,7 @@
     deqref reproduce [NAME ...] [--out DIR] [--seed N] [--quick | --full]
     deqref golden --out DIR                       write golden reference files (npz)
     deqref crosscheck FILE.npz [--tol T]          check another implementation's gradients
-    deqref bench [--quick] [--out DIR]            run the benchmarks
+    deqref bench [--quick] [--only fair] [--out DIR]  run the benchmarks
     deqref --version
 
 Bad input never ends in a Python traceback: a wrong argument, a refused crosscheck file or an
@@ -182,7 +182,7 @@ def _crosscheck(args) -> int:
 
 def _bench(args) -> int:
     from .bench import main as bench_main
-    return bench_main(out=args.out, quick=args.quick)
+    return bench_main(out=args.out, quick=args.quick, only=args.only)
 
 
 RUN = {"list": _list, "reproduce": _reproduce, "golden": _golden, "crosscheck": _crosscheck,
@@ -230,9 +230,13 @@ def _parser() -> _Parser:
         "bench", help="run the benchmarks, write JSON and a Markdown table",
         description="Run the benchmarks (deqref/bench/): each estimator's cost against implicit "
                     "differentiation, deqref against the bare array calls, and against TorchDEQ when "
-                    "torch and torchdeq import. Writes bench.json and bench.md into --out and prints the "
-                    "tables. About 105 s on a 2-core machine; --quick about 3 s.")
+                    "torch and torchdeq import; section 6 (fair) against TorchDEQ and the machine's limit "
+                    "with fixed threads. Writes bench.json, bench.md, fair.json and fair.md into --out and "
+                    "prints the tables. About 5 minutes on a 2-core machine; --quick about 10 s.")
     bp.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    bp.add_argument("--only", choices=("fair",), default=None,
+                    help="run only this section: fair = deqref against TorchDEQ and the machine's "
+                         "limit, writes fair.json and fair.md (about 3 minutes; --quick seconds)")
     bp.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results/)")
     return p
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from deqref import bench
+from deqref.bench import fair
 from deqref.cli import main as cli_main
 
 EPS64 = np.finfo(np.float64).eps
@@ -27,7 +28,8 @@ def test_files_and_sections(quick):
     out, data, md = quick
     assert data["mode"] == "quick"
     assert data["machine"]["threads"] >= 1 and data["machine"]["numpy"] == np.__version__
-    for title in ("1. Backward cost", "2. Efficiency", "3. deqref against TorchDEQ", "4", "5. Matrix forms"):
+    for title in ("1. Backward cost", "2. Efficiency", "3. deqref against TorchDEQ", "4", "5. Matrix forms",
+                  "6. Fair"):
         assert f"## {title}" in md
     # the Markdown table has one row per estimator and size of section 1
     sizes = bench.SIZES["quick"]
@@ -104,3 +106,69 @@ def test_interleaved_and_peak_bytes():
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
     n = 1 << 20
     assert bench.peak_bytes(lambda: np.ones(n)) >= 8 * n   # one float64 buffer of n entries
+
+
+# ------------------------------------------------------------------ section 6, fair
+@pytest.fixture(scope="module")
+def fair_data(quick):
+    out, _, _ = quick
+    return json.loads((out / "fair.json").read_text()), (out / "fair.md").read_text()
+
+
+def test_fair_structure(fair_data):
+    data, md = fair_data
+    assert md.startswith("# 6. Fair") and "## One thread (headline)" in md
+    assert "limit / deqref" in md and "Where deqref's time goes" in md
+    sizes = fair.SIZES["quick"]
+    rows = data["one_thread"]["rows"]
+    assert {(r["dtype"], r["d"], r["case"]) for r in rows} == {
+        (t, d, c) for t in ("float64", "float32") for d in sizes["d"] for c in fair.CASES}
+    # the headline is on one thread: BLAS (when threadpoolctl sees it) and torch
+    rec = data["one_thread"]["threads"]
+    assert all("(1 threads)" in b for b in rec["blas"] or [])
+    if rec["torchdeq"] is None:
+        assert rec["torch_threads"] == 1
+    for r in rows:
+        assert r["threads"] == 1 and r["products"] == fair.products(r["case"])
+        for side in ("deqref", "limit", "torchdeq", "limit torch"):
+            if side in r:
+                st = r[side]
+                assert 0 < st["min"] <= st["median"] <= st["max"] and st["repeats"] == sizes["repeats"]
+        # ratios are of the medians, as stored
+        assert r["limit_over_deqref"] == pytest.approx(r["limit"]["median"] / r["deqref"]["median"], rel=1e-12)
+        if "torchdeq" in r:
+            assert r["deqref_over_torchdeq"] == pytest.approx(
+                r["deqref"]["median"] / r["torchdeq"]["median"], rel=1e-12)
+    assert len(data["causes"]) == 2 * len(sizes["d"])
+    assert all(v > 0 for c in data["causes"] for v in c["causes_s"].values())
+
+
+def test_fair_gradients_agree(fair_data):
+    """The limit computes deqref's answer with the fewest calls (to rounding: it sums the k
+    products of UPG's ∂L/∂W as one product); TorchDEQ differentiates at the same h*."""
+    data, _ = fair_data
+    rows = list(data["one_thread"]["rows"])
+    if isinstance(data["multi_thread"], dict):
+        rows += data["multi_thread"]["rows"]
+        assert all(r["threads"] >= 2 for r in data["multi_thread"]["rows"])
+    for r in rows:
+        f64 = r["dtype"] == "float64"
+        assert r["diff_limit"] < (1e3 * EPS64 if f64 else 1e-5), r
+        if "diff_torchdeq" in r:
+            if r["case"] == "step implicit":     # TorchDEQ's IFT: Jacobian at F(z*), not z*
+                assert r["diff_torchdeq"] < 1e-3, r
+            else:
+                assert r["diff_torchdeq"] < (1e3 * EPS64 if f64 else 1e-4), r
+
+
+def test_fair_limit_counts():
+    """The limit's product count: forward 1 + (T + 1); UPG's step shares c with the forward."""
+    assert fair.products("forward") == 1 + fair.T + 1
+    assert fair.products("backward jfb") == 5
+    assert fair.products("step upg") == fair.products("forward") + fair.products("backward upg") - 1
+
+
+def test_bench_only_refuses_unknown_section(capsys):
+    assert cli_main(["bench", "--only", "cost", "--out", "/tmp/unused-deqref-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and "Traceback" not in err

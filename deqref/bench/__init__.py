@@ -20,6 +20,15 @@ a linear head to q = 10 outputs and the mean squared error. A *training step* is
 4. ``gpu``: when CuPy sees a GPU: section 1 and 2 on CuPy, CuPy vs NumPy at d = 2048,
    n = 1024, and deqref-on-CuPy / TorchDEQ-on-CUDA when torch sees CUDA. Skipped otherwise.
 5. ``matrix``: time to build A of UPG and NPG (``form="matrix"``, n = 1, d_x = 16).
+6. ``fair`` (``deqref.bench.fair``): deqref against TorchDEQ and against the machine's limit (the
+   time of exactly the products and activations the work needs), one thread each in one process
+   as the headline, several threads with each framework in its own process; min, median and max
+   of many interleaved repeats, and the gradient agreement of both sides. Written to ``OUT/fair.json``
+   and ``OUT/fair.md`` as well; ``deqref bench --only fair`` runs this section alone.
+
+Sections 1–5 run with the thread count below in one process; where TorchDEQ is compared there,
+its time swings with the threads of both libraries competing for the cores (section 6 says how
+much), so section 6's one-thread table is the comparison to quote.
 
 Every solve here runs a set number of iterations (tol 0), as the papers' timings do, so none of
 them "converges" in deqref's sense: the ``ConvergenceWarning`` each would raise is silenced for the
@@ -47,7 +56,7 @@ from ..gradients import estimate, output
 from ..heads import LinearHead, mse
 from ..layers import Layer
 from ..solvers import ConvergenceWarning, solve
-from . import bare
+from . import bare, fair
 
 K, LAM = 5, 0.5                 # UPG / NPG: A_{5, 0.5}
 N_IMPLICIT = 20                 # backward iterations of the implicit baseline
@@ -517,18 +526,32 @@ def _run(quick: bool, log) -> dict:
             data["gpu"] = g
         log("bench: 5. matrix forms")
         data["matrix"] = matrix_forms(sizes, sizes["matrix_repeats"])
+    log("bench: 6. fair: deqref against TorchDEQ and the machine's limit")
+    data["fair"] = fair.run(quick, log=log)       # sets its own threads
     data["total_s"] = time.perf_counter() - t_all
     return data
 
 
-def main(out: Path, quick: bool = False) -> int:
+ONLY = ("fair",)
+
+
+def main(out: Path, quick: bool = False, only: str | None = None) -> int:
+    """Run every section (``only=None``) or the section ``only`` names; write the files."""
+    if only is not None and only not in ONLY:
+        raise ValueError(f"only must be one of {ONLY} or None, got {only!r}")
+    if only == "fair":
+        return fair.main(out, quick)
     data = run(quick)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    fair_data = data.pop("fair")
     (out / "bench.json").write_text(json.dumps(data, indent=1))
-    md = markdown(data)
+    (out / "fair.json").write_text(json.dumps(fair_data, indent=1))
+    (out / "fair.md").write_text(fair.markdown(fair_data, level=1) + "\n")
+    md = markdown(data) + "\n" + fair.markdown(fair_data, level=2)
     (out / "bench.md").write_text(md)
     print(md)
-    print(f"deqref bench: {data['total_s']:.1f} s, written to {out}/bench.json and bench.md")
+    print(f"deqref bench: {data['total_s']:.1f} s, written to {out}/bench.json, bench.md, "
+          "fair.json and fair.md")
     return 0
 

@@ -83,8 +83,9 @@ EST_OPTS = {"upg": {"k": K, "lam": LAM}, "npg": {"k": K, "lam": LAM}, "jfb": {},
             "implicit": {"method": "fixed_point", "n_iter": N_ADJ, "tol": 0.0}}
 
 SIZES = {
-    "quick": dict(d=[16, 32], n=8, repeats=3, multi_d=[16], rounds=1),
-    "default": dict(d=[64, 256, 1024], n=64, repeats=21, multi_d=[256, 1024], rounds=3),
+    "quick": dict(d=[16], n=8, repeats=3, multi_d=[16], multi_dtypes=["float64"], rounds=1),
+    "default": dict(d=[64, 256, 1024], n=64, repeats=21, multi_d=[256, 1024],
+                    multi_dtypes=["float64", "float32"], rounds=3),
 }
 
 
@@ -605,7 +606,7 @@ def run_multi(sizes: dict, threads: int, log=print) -> list | str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[2])] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ("float64", "float32"):
+        for dtype in sizes["multi_dtypes"]:
             for d in sizes["multi_d"]:
                 log(f"bench fair: {threads} threads, separate processes, {dtype}, d = {d}")
                 merged = {"times": {}, "answers": {}}
@@ -693,8 +694,8 @@ def _f(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _table(rows, title, note) -> list:
-    L = [f"### {title}", "", note, "",
+def _table(rows, title, note, h="###") -> list:
+    L = [f"{h} {title}", "", note, "",
          "| dtype | d | case | products | deqref ms | TorchDEQ ms | limit ms (NumPy) | "
          "limit ms (torch) | deqref / TorchDEQ | limit / deqref | limit / TorchDEQ | "
          "torch limit / TorchDEQ | grad diff TorchDEQ | grad diff limit |",
@@ -709,9 +710,9 @@ def _table(rows, title, note) -> list:
     return L
 
 
-def where_the_time_goes(data) -> list:
+def where_the_time_goes(data, h="###") -> list:
     """The causes table, and the sentence that reads it."""
-    L = ["### Where deqref's time goes beyond the limit (1 thread)", "",
+    L = [f"{h} Where deqref's time goes beyond the limit (1 thread)", "",
          "Each cause timed alone on the same arrays, in the same run (ms per call; median of 15). "
          "'beyond' is deqref's median minus the limit's, for the case named.", ""]
     by = {(r["dtype"], r["d"], r["case"]): r for r in data["one_thread"]["rows"]}
@@ -730,7 +731,7 @@ def where_the_time_goes(data) -> list:
 
 def markdown(data, level: int = 2, summary: str | None = None) -> str:
     m = data["machine"]
-    h = "#" * level
+    h, h2 = "#" * level, "#" * (level + 1)
     one = data["one_thread"]
     L = [f"{h} 6. Fair: deqref against TorchDEQ and against the machine's limit ({data['mode']})", "",
          f"Run {data['date']} on {m.get('Model name', '?')}, {m.get('CPU(s)', m['cpu_count'])} CPUs, "
@@ -754,7 +755,7 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
     if summary:
         L += [summary, ""]
     L += _table(one["rows"], "One thread (headline)",
-                "NumPy's BLAS and torch on one thread each, both frameworks in this one process.")
+                "NumPy's BLAS and torch on one thread each, both frameworks in this one process.", h2)
     mt = data["multi_thread"]
     if isinstance(mt, dict):
         L += _table(mt["rows"], f"{mt['threads']} threads, each framework in its own process",
@@ -762,10 +763,10 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
                     f"and torch not imported; TorchDEQ (with torch's limit) in another with "
                     f"{mt['threads']} torch threads and NumPy's BLAS on one thread; the two run one "
                     f"after the other, {data['sizes']['rounds']} rounds, times pooled over the rounds "
-                    f"({data['sizes']['rounds']} × {data['sizes']['repeats']} repeats).")
+                    f"({data['sizes']['rounds']} × {data['sizes']['repeats']} repeats).", h2)
     else:
-        L += [f"### Several threads", "", f"Not run: {mt}.", ""]
-    L += where_the_time_goes(data)
+        L += [f"{h2} Several threads", "", f"Not run: {mt}.", ""]
+    L += where_the_time_goes(data, h2)
     return "\n".join(L)
 
 
