@@ -199,8 +199,9 @@ def row_norms(vectors, norm: str = "2", xp=None) -> np.ndarray:
         out = to_numpy(xp.stack([xp.sqrt(xp.vecdot(v, v, axis=-1)) for v in vectors]))
     out = out.astype(np.float64, copy=False)
     redo = ~np.isfinite(out) | (out < _sqrt_tiny(vectors[0].dtype))  # (k, n) host
-    for k in np.flatnonzero(redo.any(axis=1)):                       # rare: rescale those rows
-        out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k], redo[k]), out[k])
+    if redo.any():                                                   # rare: rescale those rows
+        for k in np.flatnonzero(redo.any(axis=1)):
+            out[k] = np.where(redo[k], _scaled_norms(xp, vectors[k], redo[k]), out[k])
     return out
 
 
@@ -208,12 +209,14 @@ _SQRT_TINY = {}
 
 
 def _sqrt_tiny(dtype) -> float:
-    """√(smallest normal number) of a backend dtype, looked up once per dtype (keyed by its
-    name: array_api_strict warns when its dtypes are compared with NumPy's)."""
-    name = str(dtype).replace("array_api_strict.", "")
-    if name not in _SQRT_TINY:
-        _SQRT_TINY[name] = math.sqrt(float(np.finfo(name).tiny))
-    return _SQRT_TINY[name]
+    """√(smallest normal number) of a backend dtype, looked up once per dtype (keyed by the dtype
+    with its type in front: array_api_strict warns when its dtypes are compared with NumPy's, and
+    the types differ first; the name is read, slowly, only on a dtype's first call)."""
+    key = (type(dtype), dtype)
+    if key not in _SQRT_TINY:
+        name = str(dtype).replace("array_api_strict.", "")
+        _SQRT_TINY[key] = math.sqrt(float(np.finfo(name).tiny))
+    return _SQRT_TINY[key]
 
 
 def _scaled_norms(xp, v, rows) -> np.ndarray:
@@ -283,6 +286,7 @@ class Monitor:
         self.extra_norms = norms[3:]
         with np.errstate(divide="ignore", invalid="ignore"):
             r_rel = np.where((f == 0) & (r_abs == 0), 0.0, r_abs / f)  # r/0 = inf; NaN stays NaN
+            improved = r_abs < self.best                               # a new lowest residual
         if first:
             self.start(h, r_abs, f, hn)
         act = self.active
@@ -290,12 +294,10 @@ class Monitor:
         self.rel_rows.append(r_rel)
         self.act_rows.append(act)
         if not first:
-            self.n_iter[act] += 1
+            self.n_iter += act                # one more update for each active sample
         finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
         bad = self.diverged_mask(r_abs, f, hn, finite)
         ok = self.converged_mask(r_abs, f, hn, finite) & ~bad         # diverged comes first
-        with np.errstate(invalid="ignore"):
-            improved = r_abs < self.best
         self.best = np.where(act & improved, r_abs, self.best)
         self.since_best = np.where(act & ~improved, self.since_best + 1, 0)
         self.newly_bad = act & bad
