@@ -401,59 +401,95 @@ def stats(ts) -> dict:
 
 
 # ------------------------------------------------------------------ where the time goes
+_BACK = ("backward upg", "backward npg", "backward jfb", "backward implicit")
+_STEPS = ("step upg", "step implicit")
+# cause: (column title, what it is, {case: how many times the case pays it})
+CAUSES = {
+    "temporaries": ("F temporaries", f"the forward's {T + 1} evaluations of F with new arrays for "
+                    "each product, add and tanh (deqref's F = layer.bind(x)), less the limit's "
+                    "in-place forward", {"forward": 1, "step upg": 1, "step implicit": 1}),
+    "bookkeeping": ("forward bookkeeping", f"the forward's residual bookkeeping: {T + 1} records of "
+                    "per-sample norms ‖F(h) − h‖, ‖F(h)‖, ‖h‖ and stop tests, and the result's "
+                    "per-sample traces", {"forward": 1, "step upg": 1, "step implicit": 1}),
+    "setup": ("solver set-up", "a solve's argument checks (x, h0 finite, shapes, options) and set-up",
+              {"forward": 1, "step upg": 1, "step implicit": 2, "backward implicit": 1}),
+    "checks": ("estimator checks", "an estimator's input checks (x, h*, ∂L/∂h finite, shapes)",
+               {c: 1 for c in _BACK + _STEPS}),
+    "theta": ("θ + output check", "the gradient flattened into θ (a copy of d² + d·d_x + d "
+              "numbers) and ∂L/∂θ, ∂L/∂x checked finite", {c: 1 for c in _BACK + _STEPS}),
+    "injection": ("x Uᵀ + b again", "the input injection computed again by the estimator (the "
+                  "limit computes it once per step)", {c: 1 for c in _BACK + _STEPS}),
+    "tanh": ("tanh again", f"UPG: tanh taken again for σ′ in each of the {K} steps",
+             {"backward upg": 1, "step upg": 1}),
+    "wsums": ("∂L/∂W sums", f"UPG: ∂L/∂W as {K} products and {K - 1} separate d × d sums (the "
+              "limit: one (d × kn)(kn × d) product)", {"backward upg": 1, "step upg": 1}),
+    "adjoint": ("adjoint bookkeeping", f"implicit: the adjoint solve's {N_ADJ} residual records, its "
+                "per-sample divergence test and the traces rescaled",
+                {"backward implicit": 1, "step implicit": 1}),
+}
+CAUSE_CASES = ("forward", "backward upg", "backward implicit", "step upg", "step implicit")
+
+
 def causes(p, res) -> dict:
-    """Time (s, median) of the parts of deqref's work that the limit does not do, each timed
-    alone on the same arrays: what each case pays for them."""
-    from ..layers import Layer  # noqa: F401  (the layer's own bound forms are what deqref calls)
+    """Time (s, median of 15, round-robin) of each cause in ``CAUSES``, timed alone on the same
+    arrays as the cases: what deqref does that the limit does not."""
+    from ..backend import eps
+    from ..gradients.base import InnerSolve
     L, x, g, h = p.layer, p.x, p.g, res.h
-    xp = L.xp
-    opts = dict(tol=0.0, atol=0.0, max_iter=T, norm="2", stall_iter=None, divergence_factor=1e8,
-                warn=False)
+    xp, n = L.xp, x.shape[0]
+    opts = dict(tol=0.0, atol=0.0, max_iter=T, norm="2", stall_iter=None, divergence_factor=1e8)
     F = L.bind(x)
     hs = [h]
     for _ in range(T + 1):
         hs.append(F(hs[-1]))
+    arrays = [np.asarray(a) for a in (L.W, L.U, L.b, p.head.V, p.head.c, x, p.y, g, h)]
+    lim = Limit(np, *arrays)
+    h0 = xp.zeros_like(h)
 
-    def bookkeeping():                          # the forward's Monitor: T + 1 records + finish
-        mon = Monitor(x.shape[0], **{k: v for k, v in opts.items() if k != "warn"},
-                      name="fixed_point", warn=False)
-        for t in range(T + 1):
+    def deqref_F():                             # deqref's F, T + 1 times, injection once
+        f = L.bind(x)
+        a = f(h0)
+        for _ in range(T):
+            a = f(a)
+
+    def records(count):
+        mon = Monitor(n, **{**opts, "max_iter": count - 1}, name="fixed_point", warn=False)
+        for t in range(count):
             mon.record(hs[t], hs[t + 1])
-        mon.finish(h, n_F=T + 1, options=opts)
+        return mon.finish(h, n_F=count, options=opts)
 
-    def setup():                                # checks of x and h0, zeros h0, the Monitor
-        prepare(L, x, None, "fixed_point", tol=0.0, atol=0.0, max_iter=T, norm="2",
-                stall_iter=None, divergence_factor=1e8, warn=False)
+    def adjoint():
+        r = records(N_ADJ)
+        InnerSolve("implicit", r.abs_residual, r.converged, r.stop_reason, 0.0, True, eps(h)).flag()
+        [a * 1.0 for a in r.abs_residual]
 
-    def estimator_checks():                     # every estimator: inputs before, output after
-        check_call(L, x, res, g)
+    def setup():
+        prepare(L, x, None, "fixed_point", warn=False, **opts)
+
+    def theta():
         make_gradient(L, {"W": L.W, "U": L.U, "b": L.b}, x, "upg", {}, {}, grad_h=g, result=res)
 
     c = L.input_injection(x)
     a = h @ L.W.T + c
-    Wacc = [xp.zeros_like(L.W)] + [h.T @ h for _ in range(K)]
+    Wacc = [h.T @ h for _ in range(K)]
 
-    def injection():                            # x Uᵀ + b, computed again by the estimators
-        L.input_injection(x)
-
-    def second_tanh():                          # σ′ = 1 − tanh(a)², tanh already taken for F
+    def second_tanh():
         for _ in range(K):
             1.0 - xp.tanh(a) ** 2
 
-    def w_sums():                               # ∂L/∂W as k separate (d × d) sums
+    def w_sums():
         acc = Wacc[0]
         for P in Wacc[1:]:
             acc = acc + P
 
-    fns = {"residual bookkeeping (forward, per solve)": bookkeeping,
-           "solver set-up and input checks (per solve)": setup,
-           "estimator checks of inputs and output (per backward)": estimator_checks,
-           "input injection x Uᵀ + b recomputed (per backward)": injection,
-           f"UPG: tanh taken again for σ′ ({K} steps)": second_tanh,
-           f"UPG: ∂L/∂W as {K} separate d × d sums": w_sums}
-    reps = 15
-    t = round_robin(fns, reps)
-    return {k: float(np.median(v)) for k, v in t.items()}
+    fns = {"deqref F": deqref_F, "limit forward": lim.forward,
+           "bookkeeping": lambda: records(T + 1), "setup": setup,
+           "checks": lambda: check_call(L, x, res, g), "theta": theta,
+           "injection": lambda: L.input_injection(x), "tanh": second_tanh, "wsums": w_sums,
+           "adjoint": adjoint}
+    t = {k: float(np.median(v)) for k, v in round_robin(fns, 15).items()}
+    t["temporaries"] = max(t.pop("deqref F") - t.pop("limit forward"), 0.0)
+    return {k: t[k] for k in CAUSES}
 
 
 # ------------------------------------------------------------------ one size, one process
@@ -711,20 +747,33 @@ def _table(rows, title, note, h="###") -> list:
 
 
 def where_the_time_goes(data, h="###") -> list:
-    """The causes table, and the sentence that reads it."""
-    L = [f"{h} Where deqref's time goes beyond the limit (1 thread)", "",
-         "Each cause timed alone on the same arrays, in the same run (ms per call; median of 15). "
-         "'beyond' is deqref's median minus the limit's, for the case named.", ""]
+    """The causes table: deqref's time beyond the limit, split by cause (1 thread)."""
+    L = [f"{h} Where deqref's time goes beyond the limit (one thread)", "",
+         "deqref − limit: the medians' difference (ms) in the one-thread table. Each cause is timed "
+         "alone on the same arrays in the same run (median of 15, ms per case: a cause the case pays "
+         "twice counts twice); rest = deqref − limit − the causes (Python between the calls, other "
+         "temporaries, and the limit's fused product in UPG). The causes:", ""]
+    for key, (title, what, _) in CAUSES.items():
+        L.append(f"- **{title}**: {what}.")
+    L += ["", "| dtype | d | case | deqref − limit | " + " | ".join(t for t, _, _ in CAUSES.values())
+          + " | rest |", "|---|---|---|---|" + "---|" * (len(CAUSES) + 1)]
     by = {(r["dtype"], r["d"], r["case"]): r for r in data["one_thread"]["rows"]}
     for c in data["causes"]:
-        dt, d = c["dtype"], c["d"]
-        gap = lambda case: (by[(dt, d, case)]["deqref"]["median"] - by[(dt, d, case)]["limit"]["median"]) \
-            if (dt, d, case) in by else None                                       # noqa: E731
-        parts = ", ".join(f"{k} {1e3 * v:.3f}" for k, v in c["causes_s"].items())
-        L.append(f"- {dt}, d = {d}, n = {c['n']}: beyond the limit: forward {1e3 * gap('forward'):.3f}, "
-                 f"UPG backward {1e3 * gap('backward upg'):.3f}, implicit backward "
-                 f"{1e3 * gap('backward implicit'):.3f}, UPG step {1e3 * gap('step upg'):.3f}. "
-                 f"Causes: {parts}.")
+        for case in CAUSE_CASES:
+            r = by.get((c["dtype"], c["d"], case))
+            if r is None:
+                continue
+            gap = r["deqref"]["median"] - r["limit"]["median"]
+            cells, total = [], 0.0
+            for key, (_, _, per) in CAUSES.items():
+                if case in per:
+                    v = per[case] * c["causes_s"][key]
+                    total += v
+                    cells.append(f"{1e3 * v:.3f}")
+                else:
+                    cells.append("–")
+            L.append(f"| {c['dtype']} | {c['d']} | {case} | {1e3 * gap:.3f} | " + " | ".join(cells)
+                     + f" | {1e3 * (gap - total):.3f} |")
     L.append("")
     return L
 
