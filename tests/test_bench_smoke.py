@@ -140,7 +140,7 @@ def test_fair_structure(fair_data):
             assert r["deqref_over_torchdeq"] == pytest.approx(
                 r["deqref"]["median"] / r["torchdeq"]["median"], rel=1e-12)
     assert len(data["causes"]) == 2 * len(sizes["d"])
-    assert all(set(c["causes_s"]) == set(fair.CAUSES) for c in data["causes"])
+    assert all(set(fair.CAUSES) <= set(c["causes_s"]) for c in data["causes"])
     assert all(v >= 0 for c in data["causes"] for v in c["causes_s"].values())
 
 

@@ -65,7 +65,8 @@ import numpy as np
 from ..backend import _load
 from ..experiments.machine import blas_libraries, limit_blas_threads
 from ..gradients import estimate, output, shared_unrolls
-from ..gradients.base import check_call, make_gradient
+from ..cell import check_cell
+from ..gradients.base import check_call, check_result, make_gradient
 from ..heads import mse
 from ..solvers import ConvergenceWarning, solve
 from ..solvers.common import prepare
@@ -413,8 +414,12 @@ CAUSES = {
                     "per-sample traces", {"forward": 1, "step upg": 1, "step implicit": 1}),
     "setup": ("solver set-up", "a solve's argument checks (x, h0 finite, shapes, options) and set-up",
               {"forward": 1, "step upg": 1, "step implicit": 2, "backward implicit": 1}),
-    "checks": ("estimator checks", "an estimator's input checks (x, h*, ∂L/∂h finite, shapes)",
-               {c: 1 for c in _BACK + _STEPS}),
+    "cell": ("cell check", "deqref.cell.check_cell, which every estimator check and output() runs "
+             "twice: its hasattr(layer, \"theta\") evaluates the θ property, a copy of every parameter",
+             {**{c: 2 for c in _BACK}, "step upg": 6, "step implicit": 4}),
+    "checks": ("array checks", "the estimator's input checks without the cell check (x, h*, ∂L/∂h "
+               "finite, shapes), and in a step those of output() and UPG's upg_output (x, h*)",
+               {**{c: 1 for c in _BACK}, "step upg": 1, "step implicit": 1}),
     "theta": ("θ + output check", "the gradient flattened into θ (a copy of d² + d·d_x + d "
               "numbers) and ∂L/∂θ, ∂L/∂x checked finite", {c: 1 for c in _BACK + _STEPS}),
     "injection": ("x Uᵀ + b again", "the input injection computed again by the estimator (the "
@@ -439,7 +444,7 @@ def causes(p, res) -> dict:
     xp, n = L.xp, x.shape[0]
     opts = dict(tol=0.0, atol=0.0, max_iter=T, norm="2", stall_iter=None, divergence_factor=1e8)
     F = L.bind(x)
-    hs = [h]
+    hs = [xp.zeros_like(h)]                     # the forward's own iterates, from 0
     for _ in range(T + 1):
         hs.append(F(hs[-1]))
     arrays = [np.asarray(a) for a in (L.W, L.U, L.b, p.head.V, p.head.c, x, p.y, g, h)]
@@ -484,12 +489,28 @@ def causes(p, res) -> dict:
 
     fns = {"deqref F": deqref_F, "limit forward": lim.forward,
            "bookkeeping": lambda: records(T + 1), "setup": setup,
-           "checks": lambda: check_call(L, x, res, g), "theta": theta,
+           "check_call": lambda: check_call(L, x, res, g),
+           "check_result": lambda: check_result(L, x, res), "cell": lambda: check_cell(L),
+           "theta": theta,
            "injection": lambda: L.input_injection(x), "tanh": second_tanh, "wsums": w_sums,
            "adjoint": adjoint}
     t = {k: float(np.median(v)) for k, v in round_robin(fns, 15).items()}
     t["temporaries"] = max(t.pop("deqref F") - t.pop("limit forward"), 0.0)
-    return {k: t[k] for k in CAUSES}
+    # the array checks without the two cell checks inside each (counted in "cell")
+    t["checks"] = max(t.pop("check_call") - 2 * t["cell"], 0.0)
+    t["result_checks"] = max(t.pop("check_result") - 2 * t["cell"], 0.0)
+    return t
+
+
+def cause_seconds(c: dict, case: str) -> dict:
+    """{cause: seconds} that ``case`` pays, from the per-call times ``c`` of ``causes``."""
+    out = {}
+    for key, (_, _, per) in CAUSES.items():
+        if case in per:
+            out[key] = per[case] * c[key]
+    if "checks" in out and case in _STEPS:      # output() (and UPG's upg_output) check too
+        out["checks"] += (2 if case == "step upg" else 1) * c["result_checks"]
+    return out
 
 
 # ------------------------------------------------------------------ one size, one process
@@ -764,14 +785,9 @@ def where_the_time_goes(data, h="###") -> list:
             if r is None:
                 continue
             gap = r["deqref"]["median"] - r["limit"]["median"]
-            cells, total = [], 0.0
-            for key, (_, _, per) in CAUSES.items():
-                if case in per:
-                    v = per[case] * c["causes_s"][key]
-                    total += v
-                    cells.append(f"{1e3 * v:.3f}")
-                else:
-                    cells.append("–")
+            paid = cause_seconds(c["causes_s"], case)
+            cells = [f"{1e3 * paid[key]:.3f}" if key in paid else "–" for key in CAUSES]
+            total = sum(paid.values())
             L.append(f"| {c['dtype']} | {c['d']} | {case} | {1e3 * gap:.3f} | " + " | ".join(cells)
                      + f" | {1e3 * (gap - total):.3f} |")
     L.append("")
