@@ -109,7 +109,7 @@ def anderson(layer, x, h0=None, *, m: int = 5, ridge: float = 1e-8, beta: float 
     scales = [np.maximum(mon.last_norms[1], mon.last_norms[2])]   # host (n,) per record
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
-        if not active.any():
+        if mon.n_active == 0:                                   # every sample has stopped
             break
         Xs, FF = xp.stack(X, axis=1), xp.stack(Fs, axis=1)      # (n, m_t, d)
         run = be.from_host(active)                              # (n,) samples still iterating

@@ -217,10 +217,10 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
     active = mon.record(h, Fh, g)
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
-        if not active.any():
+        if mon.n_active == 0:                                  # every sample has stopped
             break
         h_new = h - B.matvec(g)                                # h_{t+1} = h_t − B_t⁻¹ g_t
-        if not active.all():                                   # freeze the stopped samples
+        if mon.n_active < mon.n:                               # freeze the stopped samples
             h_new = xp.where(be.from_host(active)[:, None], h_new, h)
         F_new = F(h_new)
         g_new = F_new - h_new
@@ -245,7 +245,7 @@ def broyden(layer, x, h0=None, *, form: str = "lowrank", m: int = 30, tol: float
         else:
             B.add(u, v, upd, B.n_updates % m, be)
         B.n_updates += upd
-        if mon.newly_bad.any():                                # keep the last finite iterate
+        if mon.any_newly_bad:                                  # keep the last finite iterate
             bad = be.from_host(mon.newly_bad)[:, None]
             h_new, g_new = xp.where(bad, h, h_new), xp.where(bad, g, g_new)
         h, g = h_new, g_new

@@ -50,15 +50,15 @@ def fixed_point(layer, x, h0=None, *, lam: float = 1.0, tol: float = 1e-5, atol:
     active = mon.record(h, Fh)
     n_F, traj = 1, ([h] if return_trajectory else None)
     for _ in range(max_iter):
-        if not active.any():
+        if mon.n_active == 0:                                # every sample has stopped
             break
         h_new = Fh if lam == 1.0 else lam * Fh + (1.0 - lam) * h   # Eq. (13)   (n, d)
-        if not active.all():                                 # freeze the stopped samples
+        if mon.n_active < mon.n:                             # freeze the stopped samples
             h_new = xp.where(be.from_host(active)[:, None], h_new, h)
         F_new = F(h_new)
         n_F += 1
         active = mon.record(h_new, F_new)
-        if mon.newly_bad.any():                              # keep the last finite iterate
+        if mon.any_newly_bad:                                # keep the last finite iterate
             bad = be.from_host(mon.newly_bad)[:, None]
             h_new, F_new = xp.where(bad, h, h_new), xp.where(bad, Fh, F_new)
         h, Fh = h_new, F_new

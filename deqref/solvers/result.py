@@ -243,6 +243,8 @@ class Monitor:
     ``record(h, Fh)`` is called once for the initial guess and once after each update; it
     returns the (n,) host mask of samples still iterating, and leaves in ``newly_bad`` the
     samples that diverged at this record (the solvers then keep their previous iterate).
+    ``n_active`` (the mask's count) and ``any_newly_bad`` are the same as Python numbers, updated
+    only at a record where some sample stops: the solvers test them after every update.
     """
 
     def __init__(self, n, *, tol, atol, norm, stall_iter, divergence_factor, max_iter, name, warn):
@@ -251,6 +253,7 @@ class Monitor:
         self.max_iter, self.name, self.warn = max_iter, name, warn
         self.abs_rows, self.rel_rows, self.act_rows = [], [], []   # one (n,) row per record
         self.active = np.ones(n, dtype=bool)
+        self.n_active, self.any_newly_bad = n, False
         self.converged = np.zeros(n, dtype=bool)
         self.reason = ["max_iter"] * n
         self.n_iter = np.zeros(n, dtype=np.int64)
@@ -305,11 +308,14 @@ class Monitor:
         if self.stall_iter:
             stop |= self.since_best >= self.stall_iter
         stop &= act
+        self.any_newly_bad = False            # newly_bad ⊆ stop
         if stop.any():                        # diverged, else converged, else stagnated
             for i in np.flatnonzero(stop):
                 self.reason[i] = "diverged" if bad[i] else "tolerance" if ok[i] else "stagnated"
             self.active = act & ~stop
             self.converged |= act & ok
+            self.n_active = int(np.count_nonzero(self.active))
+            self.any_newly_bad = bool(self.newly_bad.any())
         self.n_records += 1
         return self.active
 
