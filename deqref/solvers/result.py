@@ -196,7 +196,7 @@ def row_norms(vectors, norm: str = "2", xp=None) -> np.ndarray:
     # √(v·v) row by row: one pass and no temporary; vector_norm squares into a temporary the
     # size of v, which at d = 512, n = 256 made each residual record ~10x slower (page faults)
     with np.errstate(over="ignore", under="ignore"):                 # rows redone below
-        out = to_numpy(xp.stack([xp.sqrt(xp.vecdot(v, v, axis=-1)) for v in vectors]))
+        out = to_numpy(xp.sqrt(xp.stack([xp.vecdot(v, v, axis=-1) for v in vectors])))
     out = out.astype(np.float64, copy=False)
     redo = ~np.isfinite(out) | (out < _sqrt_tiny(vectors[0].dtype))  # (k, n) host
     if redo.any():                                                   # rare: rescale those rows
