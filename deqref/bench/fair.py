@@ -724,6 +724,7 @@ def run(quick: bool = False, log=print, multi: bool = True) -> dict:
     t0 = time.perf_counter()
     with limit_blas_threads(1):
         data["machine"] = machine(1)
+    data["machine"]["simd"] = _simd()
     rows, cz, rec = run_one_thread(sizes, log)
     data["one_thread"] = {"rows": rows, "threads": rec}
     data["causes"] = cz
@@ -738,6 +739,17 @@ def run(quick: bool = False, log=print, multi: bool = True) -> dict:
         data["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     data["total_s"] = time.perf_counter() - t0
     return data
+
+
+def _simd() -> str | None:
+    """The widest x86 vector extension the CPU reports (/proc/cpuinfo), None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return None
+    return next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+                 if flag in flags), None)
 
 
 # ------------------------------------------------------------------ Markdown
@@ -794,12 +806,33 @@ def where_the_time_goes(data, h="###") -> list:
     return L
 
 
+def headline(data, case: str = "step upg") -> str:
+    """One sentence per dtype: the one-thread ratios of ``case`` at every size."""
+    rows = [r for r in data["one_thread"]["rows"] if r["case"] == case]
+    out = []
+    for dtype in ("float64", "float32"):
+        rs = sorted((r for r in rows if r["dtype"] == dtype), key=lambda r: r["d"])
+        if not rs:
+            continue
+        ds = " / ".join(str(r["d"]) for r in rs)
+        part = f"{dtype}, d = {ds}: "
+        if all("deqref_over_torchdeq" in r for r in rs):
+            part += ("deqref / TorchDEQ " + " / ".join(f"{r['deqref_over_torchdeq']:.2f}" for r in rs)
+                     + ", limit / TorchDEQ " + " / ".join(f"{r['limit_over_torchdeq']:.2f}" for r in rs)
+                     + ", ")
+        part += "limit / deqref " + " / ".join(f"{r['limit_over_deqref']:.2f}" for r in rs)
+        out.append(part)
+    return f"**Headline ({case}, one thread, ratios of medians):** " + "; ".join(out) + "."
+
+
 def markdown(data, level: int = 2, summary: str | None = None) -> str:
     m = data["machine"]
     h, h2 = "#" * level, "#" * (level + 1)
     one = data["one_thread"]
     L = [f"{h} 6. Fair: deqref against TorchDEQ and against the machine's limit ({data['mode']})", "",
-         f"Run {data['date']} on {m.get('Model name', '?')}, {m.get('CPU(s)', m['cpu_count'])} CPUs, "
+         f"Run {data['date']} on {m.get('Model name', '?')}"
+         + (f" with {m['simd']}" if m.get("simd") else "")
+         + f", {m.get('CPU(s)', m['cpu_count'])} CPUs, "
          f"load average {m.get('load_average_at_start', '?')} at the start and "
          f"{data.get('load_average_at_end', '?')} at the end; Python {m['python']}, NumPy {m['numpy']}, "
          f"torch {m.get('torch', '-')}, TorchDEQ {m.get('torchdeq', '-')}. "
@@ -817,6 +850,7 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
          "∂L/∂W, ∂L/∂U, ∂L/∂b, ∂L/∂x (forward: of h*) between deqref and TorchDEQ / the limit. "
          "TorchDEQ has no backward alone; its implicit step takes its Jacobian at F(z*) (a "
          "difference of the size of the forward residual).", ""]
+    L += [headline(data), ""]
     if summary:
         L += [summary, ""]
     L += _table(one["rows"], "One thread (headline)",
