@@ -28,7 +28,9 @@ What the limit counts (n samples, width d, d_x = d; every "product" is an (n × 
   gives the final residual F(h_T) − h_T that a solver reports; deqref reports it, so it counts);
 - UPG backward (k = 5, λ = 0.5) from h*: c, k evaluations of F keeping σ′ = 1 − F² from the same
   tanh, the reverse pass's k − 1 VJPs (v ⊙ s) W, the k products r_tᵀ h_t as one
-  (d × kn)(kn × d) product (the same flops, no d × d sums), rᵀ x and r U (∂L/∂x) of the summed r;
+  (d × kn)(kn × d) product (the same flops, no d × d sums; at d ≥ 256 one product of inner size kn
+  is faster than k of inner size n, at d = 64 slightly slower), rᵀ x and r U (∂L/∂x) of the
+  summed r;
 - NPG backward (k = 5, λ = 0.5): c, σ′ at h* (one product and a tanh), k − 1 VJPs, rᵀ h, rᵀ x,
   r U; JFB: c, σ′, rᵀ h, rᵀ x, r U;
 - implicit backward, 20 fixed-point adjoint iterations: c, σ′, 20 VJPs (19 updates from y_1 = g,
@@ -62,11 +64,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import _load
+from ..backend import _load, check_finite
+from ..cell import check_cell
 from ..experiments.machine import blas_libraries, limit_blas_threads
 from ..gradients import estimate, output, shared_unrolls
-from ..cell import check_cell
-from ..backend import check_finite
 from ..gradients.base import make_gradient
 from ..heads import mse
 from ..solvers import ConvergenceWarning, solve
@@ -78,7 +79,6 @@ K, LAM = 5, 0.5         # UPG / NPG
 N_ADJ = 20              # implicit: fixed-point adjoint iterations
 STEP_CASES = ("step upg", "step implicit")
 CASES = STEP_CASES + ("forward", "backward upg", "backward npg", "backward jfb", "backward implicit")
-TORCH_CASES = STEP_CASES + ("forward",)           # TorchDEQ has no backward alone
 MULTI_CASES = ("step upg", "forward")              # the multi-thread table (separate processes)
 GRAD_KEYS = ("W", "U", "b", "x")
 EST_OPTS = {"upg": {"k": K, "lam": LAM}, "npg": {"k": K, "lam": LAM}, "jfb": {},
@@ -506,7 +506,8 @@ def causes(p, res) -> dict:
            "checks": lambda: array_checks(h, g), "result_checks": lambda: array_checks(h),
            "cell": lambda: check_cell(L),
            "theta": theta,
-           "injection": lambda: L.input_injection(x), "tanh": second_tanh, "w parts": w_parts, "w fused": w_fused,
+           "injection": lambda: L.input_injection(x), "tanh": second_tanh,
+           "w parts": w_parts, "w fused": w_fused,
            "adjoint": adjoint}
     t = {k: float(np.median(v)) for k, v in round_robin(fns, 15).items()}
     t["temporaries"] = max(t.pop("deqref F") - t.pop("limit forward"), 0.0)
