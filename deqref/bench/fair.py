@@ -637,6 +637,8 @@ def _rows(d, n, dtype, m, threads) -> list:
             row["diff_torchdeq"] = _max_rel(ours, A["torchdeq"][case])
         if case in A.get("limit", {}):
             row["diff_limit"] = _max_rel(ours, A["limit"][case])
+        if case in A.get("limit torch", {}):          # torch's kernels on the same sequence
+            row["diff_limit_torch"] = _max_rel(A["limit torch"][case], ours)
         rows.append(row)
     return rows
 
