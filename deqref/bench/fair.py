@@ -681,7 +681,7 @@ def run_multi(sizes: dict, threads: int, log=print) -> list | str:
         for dtype in sizes["multi_dtypes"]:
             for d in sizes["multi_d"]:
                 log(f"bench fair: {threads} threads, separate processes, {dtype}, d = {d}")
-                merged = {"times": {}, "answers": {}}
+                merged = {"times": {}, "answers": {}, "round_medians": {}}
                 for rnd in range(sizes["rounds"]):
                     for side in ("deqref", "torchdeq"):
                         out = Path(tmp) / f"{side}-{dtype}-{d}-{rnd}"
@@ -696,6 +696,8 @@ def run_multi(sizes: dict, threads: int, log=print) -> list | str:
                         for s, per_case in rec["times"].items():
                             for case, ts in per_case.items():
                                 merged["times"].setdefault(s, {}).setdefault(case, []).extend(ts)
+                                merged["round_medians"].setdefault(s, {}).setdefault(case, []).append(
+                                    float(np.median(ts)))
                         for key in ans.files:
                             s, case, k = key.split("|")
                             merged["answers"].setdefault(s, {}).setdefault(case, {})[k] = ans[key]
@@ -703,6 +705,8 @@ def run_multi(sizes: dict, threads: int, log=print) -> list | str:
                 rs = _rows(d, sizes["n"], dtype, merged, threads)
                 for r in rs:
                     r["thread_record"] = merged["threads_seen"]
+                    r["round_medians"] = {s: m[r["case"]] for s, m in merged["round_medians"].items()
+                                          if r["case"] in m}
                 rows += rs
     return rows
 
@@ -878,6 +882,13 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
                     f"{mt['threads']} torch threads and NumPy's BLAS on one thread; the two run one "
                     f"after the other, {data['sizes']['rounds']} rounds, times pooled over the rounds "
                     f"({data['sizes']['rounds']} × {data['sizes']['repeats']} repeats).", h2)
+        L += ["Median of each round (ms), deqref | TorchDEQ — a process that drew a bad round shows "
+              "here:", ""]
+        for r in mt["rows"]:
+            rm = r.get("round_medians", {})
+            fmt = lambda side: ", ".join(f"{1e3 * v:.3g}" for v in rm.get(side, []))   # noqa: E731
+            L.append(f"- {r['dtype']}, d = {r['d']}, {r['case']}: {fmt('deqref')} | {fmt('torchdeq')}")
+        L.append("")
     else:
         L += [f"{h2} Several threads", "", f"Not run: {mt}.", ""]
     L += where_the_time_goes(data, h2)
