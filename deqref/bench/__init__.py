@@ -56,7 +56,7 @@ from ..gradients import estimate, output
 from ..heads import LinearHead, mse
 from ..layers import Layer
 from ..solvers import ConvergenceWarning, solve
-from . import bare, fair
+from . import bare
 
 K, LAM = 5, 0.5                 # UPG / NPG: A_{5, 0.5}
 N_IMPLICIT = 20                 # backward iterations of the implicit baseline
@@ -527,6 +527,7 @@ def _run(quick: bool, log) -> dict:
         log("bench: 5. matrix forms")
         data["matrix"] = matrix_forms(sizes, sizes["matrix_repeats"])
     log("bench: 6. fair: deqref against TorchDEQ and the machine's limit")
+    from . import fair          # imported here: ``python -m deqref.bench.fair`` runs it as a script
     data["fair"] = fair.run(quick, log=log)       # sets its own threads
     data["total_s"] = time.perf_counter() - t_all
     return data
@@ -537,6 +538,7 @@ ONLY = ("fair",)
 
 def main(out: Path, quick: bool = False, only: str | None = None) -> int:
     """Run every section (``only=None``) or the section ``only`` names; write the files."""
+    from . import fair
     if only is not None and only not in ONLY:
         raise ValueError(f"only must be one of {ONLY} or None, got {only!r}")
     if only == "fair":
