@@ -655,11 +655,20 @@ def run_one_thread(sizes: dict, log=print) -> tuple[list, list, dict]:
         for dtype in ("float64", "float32"):
             for d in sizes["d"]:
                 log(f"bench fair: 1 thread, {dtype}, d = {d}")
+                load = _load1()
                 m = measure(d, sizes["n"], dtype, sizes["repeats"], sides)
-                rows += _rows(d, sizes["n"], dtype, m, 1)
+                rs = _rows(d, sizes["n"], dtype, m, 1)
+                for r in rs:
+                    r["load_1min"] = [load, _load1()]           # before and after this size
+                rows += rs
                 cz.append({"dtype": dtype, "d": d, "n": sizes["n"], "causes_s": m["causes"]})
     rec["torchdeq"] = why
     return rows, cz, rec
+
+
+def _load1() -> float | None:
+    """The 1-minute load average (other work on the machine shows in every time)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _worker_cmd(side, threads, d, n, dtype, repeats, out):
@@ -772,6 +781,11 @@ def _simd() -> str | None:
 
 
 # ------------------------------------------------------------------ Markdown
+def _load_range(rows) -> str:
+    loads = [v for r in rows for v in (r.get("load_1min") or []) if v is not None]
+    return f"{min(loads):.2f}–{max(loads):.2f}" if loads else "?"
+
+
 def _ms(st) -> str:
     if st is None:
         return "-"
@@ -875,7 +889,8 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
          + (f" with {m['simd']}" if m.get("simd") else "")
          + f", {m.get('CPU(s)', m['cpu_count'])} CPUs, "
          f"load average {m.get('load_average_at_start', '?')} at the start and "
-         f"{data.get('load_average_at_end', '?')} at the end; Python {m['python']}, NumPy {m['numpy']}, "
+         f"{data.get('load_average_at_end', '?')} at the end (1-minute load while the one-thread "
+         f"table ran, its own busy thread included: {_load_range(one['rows'])}); Python {m['python']}, NumPy {m['numpy']}, "
          f"torch {m.get('torch', '-')}, TorchDEQ {m.get('torchdeq', '-')}. "
          f"Threads in the one-thread table: {', '.join(one['threads'].get('blas') or ['?'])}; torch "
          f"{one['threads'].get('torch_threads', '-')} (inter-op {one['threads'].get('torch_interop_threads', '-')}).",
