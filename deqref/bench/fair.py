@@ -762,7 +762,9 @@ def run(quick: bool = False, log=print, multi: bool = True) -> dict:
     elif threads < 2:
         data["multi_thread"] = "one core: no multi-thread table"
     else:
-        data["multi_thread"] = {"threads": threads, "rows": run_multi(sizes, threads, log)}
+        rows_mt = run_multi(sizes, threads, log)
+        data["multi_thread"] = ({"threads": threads, "rows": rows_mt} if isinstance(rows_mt, list)
+                                else f"TorchDEQ not available ({rows_mt})")
     if hasattr(os, "getloadavg"):
         data["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     data["total_s"] = time.perf_counter() - t0
