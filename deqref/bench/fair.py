@@ -907,7 +907,11 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
          "TorchDEQ; deqref / TorchDEQ < 1: deqref faster. grad diff: max relative difference of "
          "∂L/∂W, ∂L/∂U, ∂L/∂b, ∂L/∂x (forward: of h*) between deqref and TorchDEQ / the limit. "
          "TorchDEQ has no backward alone; its implicit step takes its Jacobian at F(z*) (a "
-         "difference of the size of the forward residual).", ""]
+         "difference of the size of the forward residual). TorchDEQ 0.1.0 runs f_max_iter = 30, so "
+         "it returns deqref's h after 30 updates (deqref evaluates F once more, for the residual it "
+         "reports); x requires grad there, so both compute ∂L/∂x. deqref's step is the one "
+         "deqref.train takes (output and estimate inside shared_unrolls). limit (torch): the same "
+         "calls on PyTorch's kernels (MKL).", ""]
     L += [headline(data), ""]
     if summary:
         L += [summary, ""]
