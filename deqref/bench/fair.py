@@ -846,11 +846,18 @@ def _causes_paragraph(data, case: str = "step upg", top: int = 3) -> str:
             "per-sample residual bookkeeping is a fixed cost per update (tens of µs: three row norms, "
             "the stop tests, the traces), so it is most of the gap at small d; at d = 1024 the copies "
             "of every parameter (the cell check's θ and the gradient's θ) and the work done twice (the "
-            "input injection, σ′'s tanh, ∂L/∂W in parts) add up to more. Not in the gap, because the "
-            f"limit makes the same calls: the forward's {T + 1} products h Wᵀ on W's transposed view "
-            "take " + "; ".join(f"{c['dtype']}, d = {c['d']}: {1e3 * c['causes_s']['layout']:+.2g} ms"
-                                for c in data["causes"] if "layout" in c["causes_s"])
-            + " more than on a contiguous copy of Wᵀ.")
+            "input injection, σ′'s tanh, ∂L/∂W in parts) add up to more." + _layout_sentence(data))
+
+
+def _layout_sentence(data) -> str:
+    layout = [(c["dtype"], c["d"], c["causes_s"]["layout"]) for c in data["causes"]
+              if "layout" in c["causes_s"]]
+    if not layout:
+        return ""
+    return (" Not in the gap, because the limit makes the same calls: the forward's "
+            f"{T + 1} products h Wᵀ on W's transposed view take "
+            + "; ".join(f"{dt}, d = {d}: {1e3 * v:+.2g} ms" for dt, d, v in layout)
+            + " more than on a row-major copy of Wᵀ.")
 
 
 def where_the_time_goes(data, h="###") -> list:
