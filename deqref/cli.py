@@ -232,11 +232,11 @@ def _parser() -> _Parser:
                     "differentiation, deqref against the bare array calls, and against TorchDEQ when "
                     "torch and torchdeq import; section 6 (fair) against TorchDEQ and the machine's limit "
                     "with fixed threads. Writes bench.json, bench.md, fair.json and fair.md into --out and "
-                    "prints the tables. About 7 minutes on an idle 2-core machine; --quick about 10 s.")
+                    "prints the tables. About 5 minutes on an idle 2-core machine; --quick about 10 s.")
     bp.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     bp.add_argument("--only", choices=("fair",), default=None,
                     help="run only this section: fair = deqref against TorchDEQ and the machine's "
-                         "limit, writes fair.json and fair.md (about 5 minutes; --quick seconds)")
+                         "limit, writes fair.json and fair.md (about 3 minutes; --quick seconds)")
     bp.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results/)")
     return p
 
