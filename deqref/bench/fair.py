@@ -865,8 +865,9 @@ def where_the_time_goes(data, h="###") -> list:
     L = [f"{h} Where deqref's time goes beyond the limit (one thread)", "",
          "deqref − limit: the medians' difference (ms) in the one-thread table. Each cause is timed "
          "alone on the same arrays in the same run (median of 15, ms per case: a cause the case pays "
-         "twice counts twice); rest = deqref − limit − the causes (Python between the calls, other "
-         "temporaries, and the limit's fused product in UPG). The causes:", ""]
+         "twice counts twice); rest = deqref − limit − the causes (Python between the calls and other "
+         "temporaries; below 0 where a cause timed alone costs more than inside the case, or the "
+         "run's noise is larger). The causes:", ""]
     for key, (title, what, _) in CAUSES.items():
         L.append(f"- **{title}**: {what}.")
     L += ["", _causes_paragraph(data)]
