@@ -37,6 +37,7 @@ change in ``deqref.solvers`` or ``deqref.gradients``: they use only the names ab
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol, runtime_checkable
 
 CELL_ATTRIBUTES = ("d", "d_x", "d_theta", "dtype", "backend", "xp", "PARAMS", "theta")
@@ -117,9 +118,14 @@ def vjp_sum(cell, terms, scale: float = 1.0):
     return grads, grad_x
 
 
+_ABSENT = object()
+
+
 def missing(obj) -> list:
-    """The names of the interface that ``obj`` lacks."""
-    return [n for n in CELL_ATTRIBUTES + CELL_METHODS if not hasattr(obj, n)]
+    """The names of the interface that ``obj`` lacks, looked up without running them (a
+    property such as ``theta`` is not evaluated: it copies every parameter)."""
+    return [n for n in CELL_ATTRIBUTES + CELL_METHODS
+            if inspect.getattr_static(obj, n, _ABSENT) is _ABSENT]
 
 
 def is_cell(obj) -> bool:
