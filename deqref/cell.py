@@ -119,6 +119,32 @@ def vjp_sum(cell, terms, scale: float = 1.0):
 
 
 _ABSENT = object()
+NOT_GIVEN = object()          # check_rows: x left out (None passed for x is an error)
+
+
+def check_rows(anchor: dict, d: int, d_x: int, x=NOT_GIVEN, **vectors) -> None:
+    """``check_inputs`` of a cell whose samples are free rows: x (n, d_x) and the named (n, d)
+    arrays (h, h0, grad_h, ...) share one n >= 1 and the backend and dtype of ``anchor`` (one of
+    the cell's parameters, ``{name: array}``); errors name the argument. x, when given, must be
+    an array; a named array may be None (an optional argument left out)."""
+    from .backend import check_shape, namespace, require_arrays
+    if x is NOT_GIVEN:
+        x = None
+    else:
+        require_arrays(x=x)
+    namespace(**anchor, x=x, **vectors)
+    n = None
+    if x is not None:
+        check_shape("x", x, (None, d_x))
+        n = x.shape[0]
+    for name, v in vectors.items():
+        if v is not None:
+            check_shape(name, v, (n, d))
+            n = v.shape[0]
+    if n == 0:
+        name, a = next((k, v) for k, v in (("x", x), *vectors.items()) if v is not None)
+        raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), "
+                         f"got shape {tuple(a.shape)}")
 
 
 def missing(obj) -> list:

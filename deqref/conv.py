@@ -51,11 +51,11 @@ import numpy as np
 
 from . import conv_ops as ops
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
-                      check_shape, dtype_name, namespace, require_arrays, to_numpy)
+                      check_shape, dtype_name, require_arrays, to_numpy)
+from .cell import NOT_GIVEN, check_rows
 from .checks import check_choice, check_int, check_real
 from .conv_linear import ConvLinearization, Forward
 
-_NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
 
 
 class ConvCell:
@@ -205,27 +205,11 @@ class ConvCell:
         return self.xp.reshape(img, (img.shape[0], -1))
 
     # ------------------------------------------------------------ the value
-    def check_inputs(self, x=_NOT_GIVEN, **vectors):
+    def check_inputs(self, x=NOT_GIVEN, **vectors):
         """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes, n >= 1,
         one backend and one dtype shared with the cell; errors name the argument. x, when
         given, must be an array; a named array may be None (an optional argument left out)."""
-        if x is _NOT_GIVEN:
-            x = None
-        else:
-            require_arrays(x=x)
-        namespace(K1=self.K1, x=x, **vectors)
-        n = None
-        if x is not None:
-            check_shape("x", x, (None, self.d_x))
-            n = x.shape[0]
-        for name, v in vectors.items():
-            if v is not None:
-                check_shape(name, v, (n, self.d))
-                n = v.shape[0]
-        if n == 0:
-            name, a = next((k, v) for k, v in (("x", x), *vectors.items()) if v is not None)
-            raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), "
-                             f"got shape {tuple(a.shape)}")
+        check_rows({"K1": self.K1}, self.d, self.d_x, x, **vectors)
 
     def injection(self, x):
         """U ⋆ x, the part of a₂ that does not depend on h   # (n, C, H, W)"""

@@ -56,10 +56,10 @@ import numpy as np
 
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
                       check_shape, dtype_name, namespace, require_arrays, to_numpy)
+from .cell import NOT_GIVEN
 from .checks import check_choice, check_int, check_real
 from .layers import ACTIVATIONS, check_activation
 
-_NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
 
 
 # ---------------------------------------------------------------- graphs on the host
@@ -433,11 +433,11 @@ class GraphCell:
         """Per-sample transposes (n, N, c) back to rows (n, c·N), vec column-major."""
         return self.xp.reshape(t, (self.n, t.shape[1] * t.shape[2]))
 
-    def check_inputs(self, x=_NOT_GIVEN, **vectors):
+    def check_inputs(self, x=NOT_GIVEN, **vectors):
         """Validate x (n, d_x) and named (n, d) arrays: shapes (n is the batch's number of
         graphs), one backend and one dtype shared with the cell; errors name the argument. A
         named array may be None (an optional argument left out)."""
-        if x is _NOT_GIVEN:
+        if x is NOT_GIVEN:
             x = None
         else:
             require_arrays(x=x)

@@ -27,6 +27,7 @@ import numpy as np
 
 from .backend import (DTYPES, Backend, backend_of, check_backend, check_finite, check_seed,
                       check_shape, dtype_name, namespace, require_arrays, to_numpy)
+from .cell import NOT_GIVEN, check_rows
 from .checks import check_choice, check_int, check_real
 
 # ---------------------------------------------------------------- activations
@@ -68,7 +69,6 @@ def project_spectral(W, bound: float):
     return W * (bound / s) if s > bound else W
 
 
-_NOT_GIVEN = object()      # check_inputs: x left out (None passed for x is an error)
 
 
 class DenseLinearization:
@@ -204,27 +204,11 @@ class Layer:
                 f"dtype={self.dtype}, backend={self.backend.name})")
 
     # ------------------------------------------------------------ the value
-    def check_inputs(self, x=_NOT_GIVEN, **vectors):
+    def check_inputs(self, x=NOT_GIVEN, **vectors):
         """Validate x (n, d_x) and named (n, d) arrays (h, h0, grad_h, ...): shapes, n >= 1,
         one backend and one dtype shared with the layer; errors name the argument. x, when
         given, must be an array; a named array may be None (an optional argument left out)."""
-        if x is _NOT_GIVEN:
-            x = None
-        else:
-            require_arrays(x=x)
-        namespace(W=self.W, x=x, **vectors)
-        n = None
-        if x is not None:
-            check_shape("x", x, (None, self.d_x))
-            n = x.shape[0]
-        for name, v in vectors.items():
-            if v is not None:
-                check_shape(name, v, (n, self.d))
-                n = v.shape[0]
-        if n == 0:
-            name, a = next((k, v) for k, v in (("x", x), *vectors.items()) if v is not None)
-            raise ValueError(f"{name} must hold at least one sample (n >= 1 rows), "
-                             f"got shape {tuple(a.shape)}")
+        check_rows({"W": self.W}, self.d, self.d_x, x, **vectors)
 
     def preactivation(self, h, x):
         """a = h Wᵀ + (x Uᵀ + b)   # (n, d)   (summed in that order everywhere, ``bind`` included)"""

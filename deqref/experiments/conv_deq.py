@@ -65,7 +65,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -73,13 +72,14 @@ import numpy as np
 
 from .. import claims as C
 from .. import jacobian_reg as jr
-from ..backend import backend_of, to_numpy, use_backend
+from ..backend import _load, backend_of, to_numpy, use_backend
 from ..conv import ConvCell
 from ..data import Dataset, digits
 from ..gradients import estimate, output, shared_unrolls
 from ..heads import LinearHead, cross_entropy
 from ..solvers import ConvergenceWarning, solve
 from ..train import Adam
+from . import complexity
 from .machine import blas_threads, machine, one_blas_thread
 
 MODES = {
@@ -250,15 +250,9 @@ def train_run(name: str, data: Dataset, C: int, G: int, seed: int, epochs: int, 
 
 # ---------------------------------------------------------------- the backward's memory
 def _peak_bytes(fn) -> int:
-    """tracemalloc's peak while ``fn()`` runs, above what was allocated before (NumPy's buffers)."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        fn()
-        return int(tracemalloc.get_traced_memory()[1] - base)
-    finally:
-        tracemalloc.stop()
+    """tracemalloc's peak while ``fn()`` runs, above what was allocated before (NumPy's buffers;
+    ``complexity._peak_bytes`` on the host)."""
+    return complexity._peak_bytes(fn, _load("numpy"))
 
 
 def memory(data: Dataset, C: int, G: int, seed: int, batch_size: int, repeats: int = 2) -> dict:
