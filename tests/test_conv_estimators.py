@@ -18,7 +18,7 @@ import pytest
 from deqref.conv import ConvCell
 from deqref.gradients import ESTIMATORS, estimate, output
 from deqref.solvers import solve
-from helpers import FD_RTOL, assert_close, fd_jacobian
+from helpers import FD_RTOL, apply_oracle, assert_close, eq4, eq18, fd_jacobian
 from conftest import host
 from test_conv_cell import F_np, kinks_np, np_params, shape_of
 
@@ -63,26 +63,7 @@ def fd_jacobians(cell, H, X):
 
 
 def oracle(jacobians, g, D):
-    """Σ_i ∂F/∂θ D_i g_i and the rows ∂F/∂x D_i g_i, D(i, J_h) what the estimator puts in
-    place of (I − ∂F/∂h)⁻¹ (paper's layout)."""
-    G, theta, gx = host(g), 0.0, []
-    for i, (Jh, Jt, Jx) in enumerate(jacobians):
-        y = D(i, Jh) @ G[i]
-        theta, gx = theta + Jt.T @ y, gx + [Jx.T @ y]
-    return theta, np.array(gx)
-
-
-def eq18(k, lam):
-    """NPG, Eq. (18): λ Σ_{j<k} B^j, B = λ ∂F/∂h + (1 − λ) I (JFB: k = 1, λ = 1)."""
-    def D(i, Jh):
-        B = lam * Jh.T + (1 - lam) * np.eye(len(Jh))
-        return lam * sum(np.linalg.matrix_power(B, j) for j in range(k))
-    return D
-
-
-def eq4(i, Jh):
-    """The exact (I − ∂F/∂h)⁻¹ of Eq. (4)."""
-    return np.linalg.inv(np.eye(len(Jh)) - Jh.T)
+    return apply_oracle(jacobians, host(g), D)
 
 
 def upg_oracle(cell, jac_star, h_star, x, g, k, lam):

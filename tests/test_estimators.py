@@ -8,7 +8,7 @@ from deqref.gradients import ESTIMATORS, estimate, estimator_options, implicit_d
 from deqref.layers import ACTIVATIONS, Layer
 from deqref.solvers import solve
 from deqref.theory import cosine
-from helpers import FD_RTOL, assert_close, fd_grad, fd_jacobian
+from helpers import FD_RTOL, apply_oracle, assert_close, eq4, eq18, fd_grad, fd_jacobian
 from conftest import host
 
 D, DX, N = 6, 3, 3
@@ -57,26 +57,8 @@ def fd_jacobians(layer, h, x):
 
 
 def oracle(layer, h, x, g, D):
-    """Σ_i ∂F/∂θ D_i g_i and the rows ∂F/∂x D_i g_i, with D(i, J_h) the (d, d) matrix an
-    estimator puts in place of (I − ∂F/∂h)⁻¹ (paper's layout)   # ((d_θ,), (n, d_x))"""
-    G, theta, gx = host(g), 0.0, []
-    for i, (Jh, Jt, Jx) in enumerate(fd_jacobians(layer, h, x)):
-        y = D(i, Jh) @ G[i]
-        theta, gx = theta + Jt.T @ y, gx + [Jx.T @ y]
-    return theta, np.array(gx)
-
-
-def eq18(k, lam):
-    """NPG, Eq. (18): λ Σ_{j<k} B^j with B = λ ∂F/∂h + (1 − λ) I (JFB: k = 1, λ = 1)."""
-    def D(i, Jh):
-        B = lam * Jh.T + (1 - lam) * np.eye(len(Jh))
-        return lam * sum(np.linalg.matrix_power(B, j) for j in range(k))
-    return D
-
-
-def eq4(i, Jh):
-    """The exact (I − ∂F/∂h)⁻¹ of Eq. (4)."""
-    return np.linalg.inv(np.eye(len(Jh)) - Jh.T)
+    """``helpers.apply_oracle`` on this layer's finite-difference Jacobians at h   # ((d_θ,), (n, d_x))"""
+    return apply_oracle(fd_jacobians(layer, h, x), host(g), D)
 
 
 def upg_oracle(layer, h_star, x, g, k, lam):

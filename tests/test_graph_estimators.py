@@ -3,13 +3,12 @@ against its printed formula built from finite-difference Jacobians of the graph 
 in plain NumPy (no code of deqref's derivatives), and padding that never reaches a gradient."""
 import numpy as np
 import pytest
-import scipy.linalg
 
 from deqref import cell as C
 from deqref.gradients import ESTIMATORS, estimate, output
 from deqref.graph import GraphCell, pad_graphs, well_posed
 from deqref.solvers import SOLVERS, solve
-from helpers import FD_RTOL, assert_close, fd_grad, fd_jacobian
+from helpers import FD_RTOL, apply_oracle, assert_close, eq4, eq18, fd_grad, fd_jacobian
 from conftest import host
 from test_graph_cell import F_np, graphs
 
@@ -53,26 +52,8 @@ def fd_jacobians(cell, h, x):
 
 
 def oracle(cell, h, x, g, D):
-    """Σ_i ∂F/∂θ D_i g_i and the rows ∂F/∂x D_i g_i, D(i, J_h) the matrix an estimator puts in
-    place of (I − ∂F/∂h)⁻¹ (paper's layout)   # ((d_θ,), (n, d_x))"""
-    G, theta, gx = host(g), 0.0, []
-    for i, (Jh, Jt, Jx) in enumerate(fd_jacobians(cell, h, x)):
-        y = D(i, Jh) @ G[i]
-        theta, gx = theta + Jt.T @ y, gx + [Jx.T @ y]
-    return theta, np.array(gx)
-
-
-def eq4(i, Jh):
-    """The exact (I − ∂F/∂h)⁻¹ of Eq. (4), by scipy.linalg.solve."""
-    return scipy.linalg.solve(np.eye(len(Jh)) - Jh.T, np.eye(len(Jh)))
-
-
-def eq18(k, lam):
-    """NPG, Eq. (18): λ Σ_{j<k} B^j with B = λ ∂F/∂h + (1 − λ) I (JFB: k = 1, λ = 1)."""
-    def D(i, Jh):
-        B = lam * Jh.T + (1 - lam) * np.eye(len(Jh))
-        return lam * sum(np.linalg.matrix_power(B, j) for j in range(k))
-    return D
+    """``helpers.apply_oracle`` on this cell's finite-difference Jacobians at h   # ((d_θ,), (n, d_x))"""
+    return apply_oracle(fd_jacobians(cell, h, x), host(g), D)
 
 
 def upg_oracle(cell, h_star, x, g, k, lam):
