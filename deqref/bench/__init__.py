@@ -536,6 +536,14 @@ def _run(quick: bool, log) -> dict:
 ONLY = ("fair",)
 
 
+def write_results(out, stem: str, data: dict, md: str) -> None:
+    """``OUT/stem.json`` (every number) and ``OUT/stem.md`` (the tables), OUT created if needed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
+    (out / f"{stem}.md").write_text(md)
+
+
 def main(out: Path, quick: bool = False, only: str | None = None) -> int:
     """Run every section (``only=None``) or the section ``only`` names; write the files."""
     from . import fair
@@ -544,14 +552,10 @@ def main(out: Path, quick: bool = False, only: str | None = None) -> int:
     if only == "fair":
         return fair.main(out, quick)
     data = run(quick)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     fair_data = data.pop("fair")
-    (out / "bench.json").write_text(json.dumps(data, indent=1))
-    (out / "fair.json").write_text(json.dumps(fair_data, indent=1))
-    (out / "fair.md").write_text(fair.markdown(fair_data, level=1) + "\n")
+    write_results(out, "fair", fair_data, fair.markdown(fair_data, level=1) + "\n")
     md = markdown(data) + "\n" + fair.markdown(fair_data, level=2)
-    (out / "bench.md").write_text(md)
+    write_results(out, "bench", data, md)
     print(md)
     print(f"deqref bench: {data['total_s']:.1f} s, written to {out}/bench.json, bench.md, "
           "fair.json and fair.md")

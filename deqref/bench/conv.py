@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import json
 import pstats
 import statistics
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import write_results
 from ..backend import _load, to_numpy
 from ..conv import ConvCell
 from ..experiments.machine import limit_blas_threads
@@ -360,10 +360,7 @@ def main(argv=None) -> int:
     md = markdown(data)
     print(md)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "conv.json").write_text(json.dumps(data, indent=1))
-        (out / "conv.md").write_text(md)
+        write_results(a.out, "conv", data, md)
     return 0
 
 

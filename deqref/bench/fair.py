@@ -965,12 +965,10 @@ def markdown(data, level: int = 2, summary: str | None = None) -> str:
 
 
 def main(out: Path, quick: bool = False) -> int:
+    from . import write_results
     data = run(quick)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fair.json").write_text(json.dumps(data, indent=1))
     md = markdown(data, level=1)
-    (out / "fair.md").write_text(md + "\n")
+    write_results(out, "fair", data, md + "\n")
     print(md)
     print(f"deqref bench fair: {data['total_s']:.1f} s, written to {out}/fair.json and fair.md")
     return 0

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
+from . import write_results
 from ..backend import _load, to_numpy
 from ..experiments.machine import limit_blas_threads
 from ..gradients import estimate
@@ -231,10 +230,7 @@ def main(argv=None) -> int:
     md = markdown(data)
     print(md)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "graph.json").write_text(json.dumps(data, indent=1))
-        (out / "graph.md").write_text(md)
+        write_results(a.out, "graph", data, md)
     return 0
 
 
