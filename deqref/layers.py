@@ -64,7 +64,9 @@ def spectral_normalize(W: np.ndarray, L_h: float) -> np.ndarray:
 
 
 def project_spectral(W, bound: float):
-    """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound, else W unchanged (on W's backend)."""
+    """W ← W · bound/‖W‖₂ when ‖W‖₂ > bound, else W unchanged (on W's backend); bound > 0
+    finite (a negative one would flip W's sign, NaN would pass every W unchanged)."""
+    check_real("bound", bound, lo=0, lo_open=True)
     s = float(namespace(W=W).linalg.matrix_norm(W, ord=2))
     return W * (bound / s) if s > bound else W
 

@@ -288,3 +288,17 @@ def test_solvers_find_the_root_of_a_root_problem_written_as_F_equals_h_plus_G(me
     assert res.converged.all()
     assert_close(res.h[0], want, 1e-9, method)
     assert np.abs(G(res.h)).max() < 1e-10
+
+
+@pytest.mark.parametrize("bound", [0.0, -0.5, float("nan"), float("inf"), True, "0.9", None])
+def test_every_cells_projection_refuses_a_bound_that_is_not_positive_and_finite(be, bound):
+    """project(bound) of each deqref cell names the argument; the dense layer's used to flip W's
+    sign for a negative bound and to keep any W for NaN."""
+    from deqref.conv import ConvCell
+    from deqref.graph import GraphCell, normalized_adjacency
+    A = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    cells = [Layer.random(3, 2, seed=0, backend=be), ConvCell.random(2, 1, 4, 4, 2, seed=0, backend=be),
+             GraphCell.random(2, 2, normalized_adjacency(A)[None, ...], seed=0, backend=be)]
+    for cell in cells:
+        with pytest.raises(ValueError, match=r"^bound must be a finite number > 0"):
+            cell.project(bound)
