@@ -79,8 +79,26 @@ class Backend:
             return y
         return self.xp.linalg.solve(A, b)
 
+    def solve_each(self, A, b):
+        """``solve(A[i], b[i])`` for every i: A (n, d, d), b (n, d) -> (n, d). On NumPy one call
+        to ``scipy.linalg.solve``, which batches the same LAPACK solve (the same bits as n calls)."""
+        if self.name == "numpy":
+            return self.linalg.solve(A, b[..., None])[..., 0]
+        return self.xp.stack([self.solve(A[i, ...], b[i, ...]) for i in range(A.shape[0])], axis=0)
+
+
+_LOADED: dict = {}        # name -> Backend, once it has loaded (a failed load is tried again)
+
 
 def _load(name: str) -> Backend:
+    """The backend ``name``, made once per process (``backend_of`` asks for it on every call)."""
+    be = _LOADED.get(name)
+    if be is None:
+        be = _LOADED[name] = _make(name)
+    return be
+
+
+def _make(name: str) -> Backend:
     if name == "numpy":
         import array_api_compat.numpy as xp
         return Backend("numpy", xp)

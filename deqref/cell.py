@@ -147,11 +147,20 @@ def check_rows(anchor: dict, d: int, d_x: int, x=NOT_GIVEN, **vectors) -> None:
                          f"got shape {tuple(a.shape)}")
 
 
+_NOT_ON_CLASS: dict = {}       # type -> the names its class does not define (looked up once)
+
+
 def missing(obj) -> list:
     """The names of the interface that ``obj`` lacks, looked up without running them (a
-    property such as ``theta`` is not evaluated: it copies every parameter)."""
-    return [n for n in CELL_ATTRIBUTES + CELL_METHODS
-            if inspect.getattr_static(obj, n, _ABSENT) is _ABSENT]
+    property such as ``theta`` is not evaluated: it copies every parameter). What the class
+    defines is looked up once per class; only the rest is looked for on ``obj`` itself."""
+    cls = type(obj)
+    if cls not in _NOT_ON_CLASS:
+        _NOT_ON_CLASS[cls] = [n for n in CELL_ATTRIBUTES + CELL_METHODS
+                              if inspect.getattr_static(cls, n, _ABSENT) is _ABSENT]
+    own = getattr(obj, "__dict__", {})
+    return [n for n in _NOT_ON_CLASS[cls]
+            if n not in own and inspect.getattr_static(obj, n, _ABSENT) is _ABSENT]
 
 
 def is_cell(obj) -> bool:

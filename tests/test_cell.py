@@ -155,6 +155,25 @@ def test_check_cell_accepts_cells_and_names_what_is_missing(be):
         estimate("jfb", object(), None, None, None)
 
 
+def test_check_cell_reads_the_class_once_and_each_object_itself(be):
+    """What a class defines is looked up once per class; attributes an object sets itself are
+    looked for on every object, so two objects of one class are judged each on its own."""
+    class Bare:
+        pass
+
+    for name in C.CELL_METHODS + ("PARAMS", "theta"):
+        setattr(Bare, name, None)
+    partly, whole = Bare(), Bare()
+    for name in ("d", "d_x", "d_theta", "dtype", "backend", "xp"):
+        setattr(whole, name, None)
+    C.check_cell(whole)
+    with pytest.raises(ValueError, match=r"got Bare without d, d_x, d_theta, dtype, \.\.\.$"):
+        C.check_cell(partly)
+    partly.d = partly.d_x = partly.d_theta = partly.dtype = partly.backend = 1
+    with pytest.raises(ValueError, match=r"got Bare without xp$"):
+        C.check_cell(partly)
+
+
 def test_the_toy_cell_against_finite_differences(be):
     """The test's own cell is right (else the estimator tests below would prove nothing)."""
     cell, x, _ = problem(be)

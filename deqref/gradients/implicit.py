@@ -51,8 +51,7 @@ def _system(layer, x, h_star):
 
 def _adjoint(layer, x, h_star, grad_h):
     A = _system(layer, x, h_star)                                        # (n, d, d)
-    ys = [layer.backend.solve(A[i, ...], grad_h[i, ...]) for i in range(h_star.shape[0])]
-    return layer.xp.stack(ys, axis=0)                                    # (n, d)
+    return layer.backend.solve_each(A, grad_h)                          # (n, d)
 
 
 def adjoint_dense(layer, x, h_star, grad_h):
