@@ -42,3 +42,22 @@ def test_help_says_outputs_duration_and_defaults(capsys):
         for option in re.findall(r"(--\w+) (?:OUT|SEED|TOL)\b", text.split("options:")[-1]):
             line = text.split("options:")[-1].split(option, 2)[-1][:160]
             assert "default" in line or "required" in line or "created if needed" in line, (cmd, option)
+
+
+def test_reproduce_in_workers_gives_the_same_records(tmp_path, capsys):
+    """--jobs 2 runs the experiments no clock enters in worker processes and the timed ones here,
+    alone and first; every record is the same, bit for bit, as with --jobs 1 (everything here)."""
+    names = ["solver_traces", "static_precision", "theorem1", "complexity"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["reproduce", *names, "--quick", "--jobs", "1", "--out", str(one)]) == 0
+    assert "(worker)" not in capsys.readouterr().out
+    assert main(["reproduce", *names, "--quick", "--jobs", "2", "--out", str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/4] complexity: " in out                          # timed: here, before the others
+    for name in names[:3]:
+        assert f"] {name} (worker): " in out
+        assert (one / f"{name}.json").read_bytes() == (two / f"{name}.json").read_bytes(), name
+    rows = [json.loads((d / "claims.json").read_text())["claims"] for d in (one, two)]
+    untimed = [[r for r in rs if r["experiment"] != "complexity"] for rs in rows]
+    assert untimed[0] == untimed[1] and len(untimed[0]) > 0
+    assert [r["id"] for r in rows[0]] == [r["id"] for r in rows[1]]     # in the same order

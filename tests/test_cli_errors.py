@@ -67,6 +67,8 @@ def test_help_exits_0(capsys):
     (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
     (["--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
     (["--quick", "--full"], "argument --full: not allowed with argument --quick"),
+    (["--jobs", "0"], "--jobs must be an integer >= 1, got 0"),
+    (["--jobs", "two"], "argument --jobs: invalid int value: 'two'"),
     (["solver_trace"], "unknown experiment 'solver_trace'; did you mean 'solver_traces'?"),
     (["theorem"], "unknown experiment 'theorem'; did you mean 'theorem1'?"),
     (["figure99"], "unknown experiment 'figure99'; valid: solver_traces, static_precision"),

@@ -54,3 +54,13 @@ def _fingerprint(data) -> str:
 
 def clear() -> None:
     _RUNS.clear()
+
+
+def snapshot() -> dict:
+    """The runs trained so far, to hand to another process (``restore`` there)."""
+    return dict(_RUNS)
+
+
+def restore(shared: dict) -> None:
+    """Add runs trained in another process (``snapshot``) to this one's."""
+    _RUNS.update(shared)

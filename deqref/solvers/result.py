@@ -287,20 +287,22 @@ class Monitor:
         norms = row_norms([Fh - h if g is None else g, Fh, h, *extra], self.norm, self.xp)
         r_abs, f, hn = self.last_norms = norms[0], norms[1], norms[2]   # (n,) float64 each
         self.extra_norms = norms[3:]
+        finite = np.isfinite(norms[:3]).all(axis=0)                   # r_abs, ‖F(h)‖, ‖h‖ finite
         with np.errstate(divide="ignore", invalid="ignore"):
-            r_rel = np.where((f == 0) & (r_abs == 0), 0.0, r_abs / f)  # r/0 = inf; NaN stays NaN
-            improved = r_abs < self.best                               # a new lowest residual
-        if first:
-            self.start(h, r_abs, f, hn)
+            r_rel = r_abs / f                                          # r/0 = inf; NaN stays NaN
+            if not f.all():                                            # but 0/0 = 0: F(h) = h = 0
+                r_rel[(f == 0) & (r_abs == 0)] = 0.0
+            if first:
+                self.start(h, r_abs, f, hn)
+            bad = self._diverged(r_abs, f, hn, finite)
+            ok = self._converged(r_abs, f, hn, finite) & ~bad         # diverged comes first
+        improved = r_abs < self.best                                   # a new lowest residual
         act = self.active
         self.abs_rows.append(r_abs)           # traces are cut per sample in ``finish``
         self.rel_rows.append(r_rel)
         self.act_rows.append(act)
         if not first:
             self.n_iter += act                # one more update for each active sample
-        finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
-        bad = self.diverged_mask(r_abs, f, hn, finite)
-        ok = self.converged_mask(r_abs, f, hn, finite) & ~bad         # diverged comes first
         self.best = np.where(act & improved, r_abs, self.best)
         self.since_best = np.where(act & ~improved, self.since_best + 1, 0)
         self.newly_bad = act & bad
@@ -321,21 +323,27 @@ class Monitor:
 
     def converged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
         """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, s) and r_abs ≤ s)], s = √tol·S_0"""
-        if finite is None:
-            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
-        s = self.floor                                                 # (n,) the floor of ‖F(h)‖
         with np.errstate(invalid="ignore"):
-            relative = (r_abs <= self.tol * np.maximum(f, s)) & (r_abs <= s)
-            return finite & ((r_abs <= self.atol) | relative)
+            return self._converged(r_abs, f, hn, finite)
 
     def diverged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
         """anything non-finite, r_abs > factor·max(r_abs(h_0), 1), ‖h‖ > factor·max(S_0, 1),
         or eps·‖h‖ > max(S_0, 1)"""
+        with np.errstate(invalid="ignore"):
+            return self._diverged(r_abs, f, hn, finite)
+
+    def _converged(self, r_abs, f, hn, finite):
         if finite is None:
             finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
-        with np.errstate(invalid="ignore"):
-            unresolved = self.eps * hn > self.scale
-            return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
+        s = self.floor                                                 # (n,) the floor of ‖F(h)‖
+        relative = (r_abs <= self.tol * np.maximum(f, s)) & (r_abs <= s)
+        return finite & ((r_abs <= self.atol) | relative)
+
+    def _diverged(self, r_abs, f, hn, finite):
+        if finite is None:
+            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+        unresolved = self.eps * hn > self.scale
+        return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
 
     def finish(self, h, *, n_F, options, **kw) -> SolverResult:
         # a sample is active in records 0 … n_iter (it stops for good), so its trace is the
