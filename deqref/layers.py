@@ -44,6 +44,11 @@ ACTIVATIONS = {
 }
 
 
+# σ′ from the value f = σ(a) where that is cheaper than σ′(a) and gives the same bits:
+# tanh's σ′(a) = 1 − tanh(a)² is 1 − f² with f the tanh already taken for F
+PRIME_FROM_VALUE = {"tanh": lambda xp, a, f: 1.0 - f ** 2}
+
+
 def check_activation(activation: str) -> str:
     return check_choice("activation", activation, sorted(ACTIVATIONS))
 
@@ -242,11 +247,13 @@ class Layer:
         """h ↦ (F(h, x), σ'(a)) from one pre-activation a = h Wᵀ + x Uᵀ + b, x Uᵀ computed
         once (as in ``bind``): what an unrolled step keeps for its reverse pass."""
         c = self.input_injection(x)                      # (n, d)
-        W, sigma, dsigma, xp = self.W, self._sigma, self._dsigma, self.xp
+        W, sigma, xp = self.W, self._sigma, self.xp
+        prime = PRIME_FROM_VALUE.get(self.activation, lambda xp, a, f: self._dsigma(xp, a))
 
         def value_and_prime(h):
             a = h @ W.T + c                              # (n, d)
-            return sigma(xp, a), dsigma(xp, a)
+            f = sigma(xp, a)
+            return f, prime(xp, a, f)
         return value_and_prime
 
     def bind_prime(self, x):
@@ -281,8 +288,11 @@ class Layer:
         grad_W = r_sum = None
         for lin, v in terms:
             r = scale * (v * lin.s)                                   # r_t   (n, d)
-            grad_W = r.T @ lin.h if grad_W is None else grad_W + r.T @ lin.h     # (d, d)
-            r_sum = r if r_sum is None else r_sum + r
+            if grad_W is None:
+                grad_W, r_sum = r.T @ lin.h, r                        # (d, d), (n, d)
+            else:                                                     # in place: both are ours
+                grad_W += r.T @ lin.h
+                r_sum += r
         x = terms[0][0].x
         return {"W": grad_W, "U": r_sum.T @ x, "b": self.xp.sum(r_sum, axis=0)}, r_sum @ self.U
 

@@ -3,7 +3,7 @@ flagged gradient estimate is counted in the history, a run ends with one Converg
 that sums them up (not one per batch), warning filters still apply, and non-finite numbers stop
 training with a FloatingPointError instead of going on with NaN."""
 import json
-import types
+import dataclasses
 import warnings
 
 import numpy as np
@@ -113,7 +113,7 @@ def flagging(real, every, flags=True, extra_warning=None):
     calls = []
 
     def estimate(*args, **kwargs):
-        g = types.SimpleNamespace(**vars(real(*args, **kwargs)))
+        g = real(*args, **kwargs)
         g.flags = ()
         i = len(calls)
         calls.append(i)
@@ -150,7 +150,7 @@ def test_the_forward_flag_is_not_counted_twice(monkeypatch):
     real = T.estimate
 
     def estimate(name, layer, x, result, grad_h, **kwargs):
-        g = types.SimpleNamespace(**vars(real(name, layer, x, result, grad_h, **kwargs)))
+        g = real(name, layer, x, result, grad_h, **kwargs)
         forward = gradient_base.forward_flag(g.name, result)
         g.flags = tuple(f for f in (forward, "fake: the adjoint diverged") if f)
         return g
@@ -187,7 +187,7 @@ def nan_at(real, call):
         calls.append(len(calls))
         if len(calls) - 1 == call:
             W = g.W * float("nan")
-            g = types.SimpleNamespace(**{**vars(g), "grads": {**g.grads, "W": W}})
+            g = dataclasses.replace(g, grads={**g.grads, "W": W})
         return g
     return estimate
 

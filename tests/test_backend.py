@@ -166,3 +166,15 @@ def test_solve_each_is_one_solve_per_sample(be):
 
 def test_a_backend_is_made_once():
     assert B.backend_of(np.ones(2)) is B.backend_of(np.zeros(3)) is B._load("numpy")
+
+
+def test_all_finite_is_isfinite_everywhere(be):
+    """all_finite takes the sum's fast path only where the sum is finite; an infinity, a NaN or a
+    sum that overflows is looked at entry by entry, so the answer is always all(isfinite)."""
+    big = np.finfo(np.float64).max
+    cases = [np.ones((3, 4)), np.array([1.0, np.inf]), np.array([np.inf, -np.inf]),
+             np.array([np.nan, 1.0]), np.array([big, big]), np.array([-big, -big, 1.0]),
+             np.zeros((0, 3))]
+    for a in cases:
+        assert B.all_finite(be.asarray(a)) == bool(np.all(np.isfinite(a))), a
+    assert B.all_finite(be.asarray(np.array([3e38, 3e38]), "float32"))     # overflows in float32

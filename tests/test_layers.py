@@ -34,6 +34,16 @@ def test_value_matches_definition(be, arr, activation):
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_value_and_prime_from_one_preactivation(be, arr, activation):
+    """bind_with_prime gives F and σ′ bit for bit as F(h, x) and sigma_prime(h, x) (tanh's σ′ is
+    taken there as 1 − f² from the F it has just computed)."""
+    layer, h, x, _ = setup(be, activation)
+    f, s = layer.bind_with_prime(arr(x))(arr(h))
+    assert np.array_equal(host(f), host(layer(arr(h), arr(x))))
+    assert np.array_equal(host(s), host(layer.sigma_prime(arr(h), arr(x))))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_jacobians_paper_layout_against_fd(be, arr, activation):
     layer, h, x, _ = setup(be, activation)
     assert not np.allclose(to_numpy(layer.W), to_numpy(layer.W).T), "W must be non-symmetric"

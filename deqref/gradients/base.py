@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import backend_of, dtype_name, eps, to_numpy
+from ..backend import all_finite, backend_of, dtype_name, eps, to_numpy
 from ..cell import check_cell
 from ..checks import check_choice, check_finite, check_int
 from ..numerics import pow2_exponent
@@ -189,7 +189,8 @@ class Gradient:
         (``cell.PARAMS``); each is also an attribute: for the dense layer ``W`` (d, d),
         ``U`` (d, d_x), ``b`` (d,)
     x : (n, d_x) per-sample ∂L/∂x
-    theta : (d_θ,) the parameter gradient flattened in the cell's θ order (``cell.flatten``)
+    theta : (d_θ,) the parameter gradient flattened in the cell's θ order (``cell.flatten``),
+        made on first use (a copy of every parameter gradient, which training does not need)
     name : estimator name;  options : the options it ran with
     diagnostics : counts of VJPs / matrix products, residual traces, ...
     flags : one line per problem found (forward solve not converged, adjoint not converged
@@ -198,16 +199,23 @@ class Gradient:
 
     grads: dict
     x: object
-    theta: object
     name: str
     options: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     flags: tuple[str, ...] = ()
+    cell: object = field(default=None, repr=False, compare=False)   # whose flatten makes θ
 
     @property
     def ok(self) -> bool:
         """No flag: the forward (and any inner) solve converged and nothing diverged."""
         return not self.flags
+
+    @property
+    def theta(self):
+        """∂L/∂θ flattened in the cell's θ order   # (d_θ,)"""
+        if "_theta" not in self.__dict__:
+            self.__dict__["_theta"] = self.cell.flatten(self.grads)
+        return self.__dict__["_theta"]
 
     def __getattr__(self, name):          # only for names that are not fields: the parameters
         grads = self.__dict__.get("grads")
@@ -219,18 +227,18 @@ class Gradient:
         return dict(self.grads)
 
 
-def _check_output(name, theta, grad_x, grad_h, flags) -> None:
+def _check_output(name, grads, grad_x, grad_h, flags) -> None:
     """(c) A non-finite ∂L/∂θ or ∂L/∂x is an error naming the estimator and the cause."""
-    xp = backend_of(theta).xp
-    bad = [what for what, a in (("∂L/∂θ", theta), ("∂L/∂x", grad_x))
-           if not bool(xp.all(xp.isfinite(a)))]
+    theta_ok = all(all_finite(a) for a in grads.values())
+    bad = [what for what, ok in (("∂L/∂θ", theta_ok), ("∂L/∂x", all_finite(grad_x))) if not ok]
     if not bad:
         return
     if flags:
         cause = " | ".join(flags)
     else:
+        xp = backend_of(grad_h).xp
         g_max = float(to_numpy(xp.max(xp.abs(grad_h))))
-        cause = (f"overflow: the values pass the range of {dtype_name(theta)} "
+        cause = (f"overflow: the values pass the range of {dtype_name(grad_h)} "
                  f"(largest |grad_h| {g_max:.3g})")
     raise FloatingPointError(f"{name}: {' and '.join(bad)} not finite; cause: {cause}")
 
@@ -252,12 +260,11 @@ def make_gradient(layer, grads: dict, grad_x, name, options, diagnostics, *, gra
     outside ``deqref.gradients``."""
     flags = [f for f in (forward_flag(name, result) if result is not None else None,
                          inner.flag() if inner is not None else None) if f]
-    theta = layer.flatten(grads)
-    _check_output(name, theta, grad_x, grad_h, flags)
+    _check_output(name, grads, grad_x, grad_h, flags)
     for f in flags:
         warnings.warn(f, ConvergenceWarning, stacklevel=_caller_level())
-    return Gradient(grads=dict(grads), x=grad_x, theta=theta, name=name,
-                    options=options, diagnostics=diagnostics, flags=tuple(flags))
+    return Gradient(grads=dict(grads), x=grad_x, name=name, options=options,
+                    diagnostics=diagnostics, flags=tuple(flags), cell=layer)
 
 
 def check_nonsingular(name: str, A, jac_norm=None) -> None:
