@@ -416,21 +416,18 @@ CAUSES = {
     "setup": ("solver set-up", "a solve's argument checks (x, h0 finite, shapes, options) and set-up",
               {"forward": 1, "step upg": 1, "step implicit": 2, "backward implicit": 1}),
     "cell": ("cell check", "deqref.cell.check_cell, which every estimator check and output() runs "
-             "twice: its hasattr(layer, \"theta\") evaluates the θ property, a copy of every parameter",
-             {**{c: 2 for c in _BACK}, "step upg": 6, "step implicit": 4}),
+             "twice (what the class defines is looked up once per class, the object's own names on "
+             "every call)", {**{c: 2 for c in _BACK}, "step upg": 6, "step implicit": 4}),
     "checks": ("array checks", "the estimator's input checks without the cell check (x, h*, ∂L/∂h "
                "finite, shapes), and in a step those of output() and UPG's upg_output (x, h*)",
                {**{c: 1 for c in _BACK}, "step upg": 1, "step implicit": 1}),
-    "theta": ("θ + output check", "the gradient flattened into θ (a copy of d² + d·d_x + d "
-              "numbers) and ∂L/∂θ, ∂L/∂x checked finite", {c: 1 for c in _BACK + _STEPS}),
+    "theta": ("output check", "∂L/∂θ (each parameter's gradient) and ∂L/∂x checked finite, one "
+              "sum each (θ itself is flattened only when asked for)", {c: 1 for c in _BACK + _STEPS}),
     "injection": ("x Uᵀ + b again", "the input injection computed again by the estimator (the "
                   "limit computes it once per step)", {c: 1 for c in _BACK + _STEPS}),
-    "tanh": ("tanh again", f"UPG: tanh taken again for σ′ in each of the {K} steps",
-             {"backward upg": 1, "step upg": 1}),
     "wsums": ("∂L/∂W by parts", f"UPG: ∂L/∂W as {K} products r_tᵀ h_t of inner size n, each "
-              f"into a new d × d array, and {K - 1} d × d sums, less the limit's one "
-              "(d × kn)(kn × d) product into its buffer (the same flops)",
-              {"backward upg": 1, "step upg": 1}),
+              f"into a new d × d array, added in place, less the limit's one (d × kn)(kn × d) "
+              "product into its buffer (the same flops)", {"backward upg": 1, "step upg": 1}),
     "adjoint": ("adjoint bookkeeping", f"implicit: the adjoint solve's {N_ADJ} residual records, its "
                 "per-sample divergence test and the traces rescaled",
                 {"backward implicit": 1, "step implicit": 1}),
@@ -483,20 +480,14 @@ def causes(p, res) -> dict:
     def theta():
         make_gradient(L, {"W": L.W, "U": L.U, "b": L.b}, x, "upg", {}, {}, grad_h=g, result=res)
 
-    c = L.input_injection(x)
-    a = h @ L.W.T + c
     Rs = xp.stack([g * (0.5 ** t) for t in range(K)])           # K × (n, d), like the r_t
     Hs = xp.stack([hs[T - t] for t in range(K)])                 # K × (n, d), like the h_t
     G = xp.empty_like(L.W)
 
-    def second_tanh():
-        for _ in range(K):
-            1.0 - xp.tanh(a) ** 2
-
     def w_parts():                              # as deqref.layers.Layer.vjp_sum
         acc = Rs[0].T @ Hs[0]
         for t in range(1, K):
-            acc = acc + Rs[t].T @ Hs[t]
+            acc += Rs[t].T @ Hs[t]
 
     def w_fused():                              # as Limit._upg_reverse
         xp.matmul(Rs.reshape(K * n, -1).T, Hs.reshape(K * n, -1), out=G)
@@ -518,7 +509,7 @@ def causes(p, res) -> dict:
            "checks": lambda: array_checks(h, g), "result_checks": lambda: array_checks(h),
            "cell": lambda: check_cell(L),
            "theta": theta,
-           "injection": lambda: L.input_injection(x), "tanh": second_tanh,
+           "injection": lambda: L.input_injection(x),
            "w parts": w_parts, "w fused": w_fused,
            "adjoint": adjoint}
     t = {k: float(np.median(v)) for k, v in round_robin(fns, 15).items()}
@@ -843,10 +834,9 @@ def _causes_paragraph(data, case: str = "step upg", top: int = 3) -> str:
                      f"({1e3 * r['deqref']['median']:.3g} against {1e3 * r['limit']['median']:.3g}); "
                      f"largest causes {named}")
     return (f"**Where the time goes** ({case}, ms per step): " + "; ".join(parts) + ". The forward's "
-            "per-sample residual bookkeeping is a fixed cost per update (tens of µs: three row norms, "
-            "the stop tests, the traces), so it is most of the gap at small d; at d = 1024 the copies "
-            "of every parameter (the cell check's θ and the gradient's θ) and the work done twice (the "
-            "input injection, σ′'s tanh, ∂L/∂W in parts) add up to more." + _layout_sentence(data))
+            "per-sample residual bookkeeping is a fixed cost per update (three row norms, the stop "
+            "tests, the traces), which weighs most at small d; the work deqref does twice (the input "
+            "injection, ∂L/∂W in parts) and its checks grow with d." + _layout_sentence(data))
 
 
 def _layout_sentence(data) -> str:
