@@ -272,6 +272,11 @@ class Monitor:
         self.runaway = self.divergence_factor * _at_least_1(self.S0)  # on ‖h‖
         self.floor = math.sqrt(self.tol) * self.S0                    # s, the floor of ‖F(h)‖
         self.scale = _at_least_1(self.S0)                             # max(S_0, 1)
+        # the divergence limits on (r_abs, ‖F(h)‖, ‖h‖) as one (3, n) array: eps·‖h‖ > max(S_0, 1)
+        # is ‖h‖ > max(S_0, 1)/eps (eps a power of two: exact, the same test), folded with the
+        # runaway limit on ‖h‖
+        self.limits = np.stack([self.limit, np.full_like(self.limit, np.inf),
+                                np.minimum(self.runaway, self.scale / self.eps)])
 
     def record(self, h, Fh, g=None, extra=()) -> np.ndarray:
         """``g``: F(h) − h where the solver has computed it already; ``extra``: more (n, d)
@@ -294,8 +299,8 @@ class Monitor:
                 r_rel[(f == 0) & (r_abs == 0)] = 0.0
             if first:
                 self.start(h, r_abs, f, hn)
-            bad = self._diverged(r_abs, f, hn, finite)
-            ok = self._converged(r_abs, f, hn, finite) & ~bad         # diverged comes first
+            bad = self._diverged(norms[:3], finite)
+            ok = self._converged(r_abs, f, finite) & ~bad             # diverged comes first
         improved = r_abs < self.best                                   # a new lowest residual
         act = self.active
         self.abs_rows.append(r_abs)           # traces are cut per sample in ``finish``
@@ -321,29 +326,26 @@ class Monitor:
         self.n_records += 1
         return self.active
 
-    def converged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
+    def converged_mask(self, r_abs, f, hn) -> np.ndarray:
         """r_abs finite and [r_abs ≤ atol or (r_abs ≤ tol·max(‖F(h)‖, s) and r_abs ≤ s)], s = √tol·S_0"""
         with np.errstate(invalid="ignore"):
-            return self._converged(r_abs, f, hn, finite)
+            return self._converged(r_abs, f, np.isfinite(np.stack([r_abs, f, hn])).all(axis=0))
 
-    def diverged_mask(self, r_abs, f, hn, finite=None) -> np.ndarray:
+    def diverged_mask(self, r_abs, f, hn) -> np.ndarray:
         """anything non-finite, r_abs > factor·max(r_abs(h_0), 1), ‖h‖ > factor·max(S_0, 1),
         or eps·‖h‖ > max(S_0, 1)"""
+        norms = np.stack([r_abs, f, hn])
         with np.errstate(invalid="ignore"):
-            return self._diverged(r_abs, f, hn, finite)
+            return self._diverged(norms, np.isfinite(norms).all(axis=0))
 
-    def _converged(self, r_abs, f, hn, finite):
-        if finite is None:
-            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
+    def _converged(self, r_abs, f, finite):
         s = self.floor                                                 # (n,) the floor of ‖F(h)‖
         relative = (r_abs <= self.tol * np.maximum(f, s)) & (r_abs <= s)
         return finite & ((r_abs <= self.atol) | relative)
 
-    def _diverged(self, r_abs, f, hn, finite):
-        if finite is None:
-            finite = np.isfinite(r_abs) & np.isfinite(f) & np.isfinite(hn)
-        unresolved = self.eps * hn > self.scale
-        return ~finite | (r_abs > self.limit) | (hn > self.runaway) | unresolved
+    def _diverged(self, norms, finite):
+        """norms: (3, n) rows r_abs, ‖F(h)‖, ‖h‖; ``limits`` holds the tests of ``diverged_mask``"""
+        return ~finite | (norms > self.limits).any(axis=0)
 
     def finish(self, h, *, n_F, options, **kw) -> SolverResult:
         # a sample is active in records 0 … n_iter (it stops for good), so its trace is the
