@@ -1,5 +1,6 @@
 """Experiments: one module per figure or table, each with ``run(out, seed, mode) -> dict``
-(writes PNG + JSON/CSV into ``out``) and ``summary(data) -> str``.
+(writes PNG + JSON/CSV into ``out``) and ``summary(data) -> str``; ``TIMED = True`` in a module
+whose claims rest on wall-clock times (``deqref reproduce`` runs those alone; ``parallel``).
 
 ``EXPERIMENTS`` maps names to modules in the order ``deqref reproduce`` runs them; a module
 is imported only when it is used.
