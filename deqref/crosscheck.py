@@ -460,11 +460,15 @@ def file_conventions(*, gdeq: bool = False) -> dict:
 
 # ------------------------------------------------------------------ exporting a model to a file
 def _host(a, what: str) -> np.ndarray:
-    """A PyTorch tensor, JAX or NumPy array as a float64 NumPy array (copied to the host)."""
+    """A PyTorch tensor, JAX or NumPy array of real numbers as a float64 NumPy array (copied to
+    the host); booleans, complex numbers, strings and objects are refused, not converted."""
     if hasattr(a, "detach"):                       # torch.Tensor
         a = a.detach().cpu().numpy()
     try:
-        out = np.array(a, dtype=np.float64)
+        src = np.asarray(a)
+        if src.dtype.kind not in "fiu":           # float, int, unsigned int
+            raise TypeError(f"dtype {src.dtype}")
+        out = np.array(src, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: expected a real array, got {type(a).__name__} ({e})") from None
     if not np.all(np.isfinite(out)):

@@ -88,6 +88,9 @@ def test_jax_params_errors_name_the_argument(model, call, message):
     (lambda a: a.update(x=a["x"][:0], grad_h=a["grad_h"][:0], h_star=a["h_star"][:0]), "need n, d, d_x >= 1"),
     (lambda a: a.update(gradients={"jfb": 0.5}), "gradients: expected a dict of estimator name"),
     (lambda a: a.update(numbers={"jfb": {"K": 3}}), "numbers['jfb']: expected a dict with keys among"),
+    (lambda a: a["params"].update(b=a["params"]["b"] + 0j), "params['b']: expected a real array, got ndarray (dtype complex128)"),
+    (lambda a: a["params"].update(b=a["params"]["b"].astype(str)), "params['b']: expected a real array, got ndarray (dtype <U"),
+    (lambda a: a.update(x=a["x"] > 0), "x: expected a real array, got ndarray (dtype bool)"),
     (lambda a: a.update(gradients={"upg_k5_lam0.5": a["gradients"]["jfb"]}, numbers={"upg_k5_lam0.5": {"k": 5.7}}),
      "numbers['upg_k5_lam0.5']['k'] must be an integer"),
 ])
