@@ -170,7 +170,7 @@ def _reproduce(args) -> int:
         report(name, *parallel.run_one(name, out, args.seed, mode))
     if in_workers:
         print(f"running {', '.join(in_workers)} in {min(args.jobs, len(in_workers))} worker "
-              "processes (no clock enters their records)\n", flush=True)
+              "processes (no clock enters their claims)\n", flush=True)
     for name, data, printed, caught, seconds in parallel.run_in_workers(
             in_workers, out, args.seed, mode, args.jobs):
         header(name, " (worker)")
@@ -219,7 +219,7 @@ def _parser() -> _Parser:
                     "a progress bar per training run on a terminal, and the verdict table. The experiments "
                     "whose claims rest on wall-clock times run first, one by one and alone; the others then "
                     "run in --jobs worker processes at once (the same numbers as one by one). Duration: "
-                    "about 1 minute on a 2-core machine in the default mode (up to 4 on a slow one), "
+                    "about 2 minutes on a 2-core machine in the default mode (up to 5 on a slow one), "
                     "seconds with --quick; --full runs the papers' settings where feasible and takes far "
                     "longer (jfb_batch alone, the JFB report's 3,000 epochs: about 5 minutes).")
     rp.add_argument("names", nargs="*", metavar="NAME", help="experiments to run (default: all)")
@@ -227,7 +227,7 @@ def _parser() -> _Parser:
     rp.add_argument("--seed", type=int, default=0,
                     help=f"base seed, an integer in [0, {SEED_MAX}] (default 0)")
     rp.add_argument("--jobs", type=int, default=None,
-                    help="processes for the experiments that no clock enters, an integer >= 1 "
+                    help="processes for the experiments whose claims no clock enters, an integer >= 1 "
                          "(default: the CPUs available); the timed ones run alone first")
     size = rp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")

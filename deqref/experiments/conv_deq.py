@@ -1,5 +1,6 @@
-"""Table 3 of Geng et al.: a convolutional DEQ trained by implicit differentiation and by UPG,
-with and without Jacobian regularization — accuracy, training and backward speed-up, peak memory.
+"""Table 3 of Geng et al.: a convolutional DEQ trained by implicit differentiation and by UPG.
+
+With and without Jacobian regularization: accuracy, training and backward speed-up, peak memory.
 
 Geng et al. train MDEQ on CIFAR-10 and ImageNet, and (in their slides' version of Table 3) a DEQ
 transformer on Wikitext-103:

@@ -55,8 +55,8 @@ def numerics() -> dict:
     missing it is recorded as None.
     """
     libs = blas_libraries()
-    blas = None if libs is None else [f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}"
-                                      for p in libs]
+    blas = None if libs is None else sorted(                   # sorted: the load order varies
+        f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}" for p in libs)
     try:
         try:
             from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__

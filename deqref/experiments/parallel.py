@@ -3,10 +3,11 @@
 An experiment whose claims rest on wall-clock times says so with ``TIMED = True`` in its module
 (complexity, accuracy_speed, jfb_batch, ignn, conv_deq). ``deqref reproduce`` runs those one
 after the other in its own process while no other experiment runs, so their times are those of
-an otherwise idle machine. The others' records are numbers that no clock enters (cosines,
-accuracies, errors); they run afterwards in up to ``jobs`` worker processes at once. Every
-experiment runs with one BLAS thread, here or in a worker, so the bits are the same either way
-(``tests/test_cli.py`` compares them).
+an otherwise idle machine. The others' claims rest on numbers that no clock enters (cosines,
+accuracies, errors; their records note wall times too, which are not compared); they run
+afterwards in up to ``jobs`` worker processes at once. Every experiment runs with one BLAS
+thread, here or in a worker, so its numbers have the same bits either way (``tests/test_cli.py``
+compares them).
 
 Each worker gets the training runs shared so far (``runs.snapshot()``), so the ablation reuses
 accuracy_speed's runs as it does in one process. What a worker prints is captured and shown whole
