@@ -18,8 +18,10 @@ one seed gives the same numbers on every backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -71,8 +73,8 @@ class Backend:
 
     def solve(self, A, b):
         """Dense LU solve of ``A y = b`` for one square matrix A (d, d), b (d,) or (d, r)."""
-        if self.name == "numpy":
-            return self.linalg.solve(A, b)                 # scipy.linalg.solve (LAPACK gesv)
+        if self.name == "numpy":                           # LU with partial pivoting (LAPACK
+            return self.linalg.solve(A, b, assume_a="gen")  # gesv) whatever A's structure
         if self.name == "cupy":
             y = self.linalg.lu_solve(self.linalg.lu_factor(A), b)   # cuSOLVER getrf / getrs
             if not bool(self.xp.all(self.xp.isfinite(y))):        # CuPy gives NaN, not an error
@@ -81,11 +83,20 @@ class Backend:
         return self.xp.linalg.solve(A, b)
 
     def solve_each(self, A, b):
-        """``solve(A[i], b[i])`` for every i: A (n, d, d), b (n, d) -> (n, d). On NumPy one call
-        to ``scipy.linalg.solve``, which batches the same LAPACK solve (the same bits as n calls)."""
-        if self.name == "numpy":
-            return self.linalg.solve(A, b[..., None])[..., 0]
+        """``solve(A[i], b[i])`` for every i: A (n, d, d), b (n, d) -> (n, d), the same bits. On
+        NumPy with SciPy >= 1.16 one call to ``scipy.linalg.solve``, which runs the same LAPACK
+        solve on each matrix; otherwise one call per matrix."""
+        if self.name == "numpy" and _scipy_batches():
+            return self.linalg.solve(A, b[..., None], assume_a="gen")[..., 0]
         return self.xp.stack([self.solve(A[i, ...], b[i, ...]) for i in range(A.shape[0])], axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _scipy_batches() -> bool:
+    """SciPy's dense solve takes stacks of matrices from version 1.16 on."""
+    import scipy
+    major, minor = (int(re.match(r"\d+", p).group()) for p in scipy.__version__.split(".")[:2])
+    return (major, minor) >= (1, 16)
 
 
 _LOADED: dict = {}        # name -> Backend, once it has loaded (a failed load is tried again)
@@ -259,12 +270,12 @@ def eps(a) -> float:
     return float(np.finfo(dtype_name(a)).eps)
 
 
-def all_finite(a) -> bool:
-    """Every entry of the backend array ``a`` is finite. A finite sum proves it (NaN and ±inf
-    propagate through a sum), in one pass and without a temporary the size of ``a``; only where
-    the sum is not finite (such an entry, or finite entries whose sum overflows) are the entries
-    looked at one by one."""
-    xp = backend_of(a).xp
+def all_finite(a, xp=None) -> bool:
+    """Every entry of the backend array ``a`` is finite (``xp``: its namespace, where ``a`` may be
+    a scalar of it). A finite sum proves it (NaN and ±inf propagate through a sum), in one pass
+    and without a temporary the size of ``a``; only where the sum is not finite (such an entry, or
+    finite entries whose sum overflows) are the entries looked at one by one."""
+    xp = backend_of(a).xp if xp is None else xp
     with np.errstate(over="ignore", invalid="ignore"):
         if math.isfinite(float(xp.sum(a))):
             return True

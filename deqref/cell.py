@@ -37,7 +37,6 @@ change in ``deqref.solvers`` or ``deqref.gradients``: they use only the names ab
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Protocol, runtime_checkable
 
 CELL_ATTRIBUTES = ("d", "d_x", "d_theta", "dtype", "backend", "xp", "PARAMS", "theta")
@@ -118,7 +117,6 @@ def vjp_sum(cell, terms, scale: float = 1.0):
     return grads, grad_x
 
 
-_ABSENT = object()
 NOT_GIVEN = object()          # check_rows: x left out (None passed for x is an error)
 
 
@@ -147,20 +145,13 @@ def check_rows(anchor: dict, d: int, d_x: int, x=NOT_GIVEN, **vectors) -> None:
                          f"got shape {tuple(a.shape)}")
 
 
-_NOT_ON_CLASS: dict = {}       # type -> the names its class does not define (looked up once)
-
-
 def missing(obj) -> list:
     """The names of the interface that ``obj`` lacks, looked up without running them (a
-    property such as ``theta`` is not evaluated: it copies every parameter). What the class
-    defines is looked up once per class; only the rest is looked for on ``obj`` itself."""
-    cls = type(obj)
-    if cls not in _NOT_ON_CLASS:
-        _NOT_ON_CLASS[cls] = [n for n in CELL_ATTRIBUTES + CELL_METHODS
-                              if inspect.getattr_static(cls, n, _ABSENT) is _ABSENT]
-    own = getattr(obj, "__dict__", {})
-    return [n for n in _NOT_ON_CLASS[cls]
-            if n not in own and inspect.getattr_static(obj, n, _ABSENT) is _ABSENT]
+    property such as ``theta`` is not evaluated: it copies every parameter): in the object's own
+    ``__dict__`` and in the ``__dict__`` of each class of its MRO (where ``getattr`` finds them,
+    less ``__getattr__``; not on the metaclass, where ``type.__call__`` would stand in for F)."""
+    found = set(getattr(obj, "__dict__", ())).union(*(vars(k) for k in type(obj).__mro__))
+    return [n for n in CELL_ATTRIBUTES + CELL_METHODS if n not in found]
 
 
 def is_cell(obj) -> bool:

@@ -146,22 +146,32 @@ def test_backend_argument_and_seed_are_checked():
     assert B.check_backend(None) is B.get_backend()
 
 
-def test_solve_each_is_one_solve_per_sample(be):
-    """solve_each(A, b)[i] = solve(A[i], b[i]) to the last bit (on NumPy one batched
-    scipy.linalg.solve: the same LAPACK solve per matrix), and a singular A[i] is refused."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_solve_each_is_one_solve_per_sample(be, monkeypatch, batched):
+    """solve_each(A, b)[i] = solve(A[i], b[i]) to the last bit, with SciPy's batched solve (on
+    NumPy) or one call per matrix (other backends, SciPy < 1.16): general matrices, 1 × 1 ones and
+    a stack that mixes symmetric and triangular ones (LU for every one: no structure is guessed);
+    a singular A[i] is refused."""
+    monkeypatch.setattr(B, "_scipy_batches", lambda: batched)
     rng = np.random.default_rng(3)
-    A = np.eye(7) - 0.4 * rng.standard_normal((5, 7, 7)) / np.sqrt(7)
-    b = rng.standard_normal((5, 7))
-    A_b, b_b = be.asarray(A), be.asarray(b)
-    each = B.to_numpy(be.solve_each(A_b, b_b))
-    one_by_one = np.stack([B.to_numpy(be.solve(A_b[i, ...], b_b[i, ...])) for i in range(5)])
-    assert each.shape == (5, 7)
-    assert np.array_equal(each, one_by_one)
-    # it solves A y = b: LU with partial pivoting is backward stable, a residual of a few d · eps
-    assert_close(np.einsum("nij,nj->ni", A, each), b, 100 * 7 * np.finfo(np.float64).eps)
+    S = rng.standard_normal((3, 5, 5))
+    stacks = [np.eye(7) - 0.4 * rng.standard_normal((5, 7, 7)) / np.sqrt(7),
+              3.0 + rng.standard_normal((6, 1, 1)),
+              np.concatenate([S + S.transpose(0, 2, 1) + 10 * np.eye(5),
+                              np.triu(rng.standard_normal((3, 5, 5))) + 5 * np.eye(5)])]
+    for A in stacks:
+        n, d = A.shape[:2]
+        b = rng.standard_normal((n, d))
+        A_b, b_b = be.asarray(A), be.asarray(b)
+        each = B.to_numpy(be.solve_each(A_b, b_b))
+        one_by_one = np.stack([B.to_numpy(be.solve(A_b[i, ...], b_b[i, ...])) for i in range(n)])
+        assert each.shape == (n, d)
+        assert np.array_equal(each, one_by_one)
+        # it solves A y = b: LU with partial pivoting is backward stable, a residual of a few d · eps
+        assert_close(np.einsum("nij,nj->ni", A, each), b, 100 * d * np.finfo(np.float64).eps)
     A[3] = 0.0
     with pytest.raises(np.linalg.LinAlgError):
-        be.solve_each(be.asarray(A), b_b)
+        be.solve_each(be.asarray(A), be.asarray(b))
 
 
 def test_a_backend_is_made_once():

@@ -155,23 +155,45 @@ def test_check_cell_accepts_cells_and_names_what_is_missing(be):
         estimate("jfb", object(), None, None, None)
 
 
-def test_check_cell_reads_the_class_once_and_each_object_itself(be):
-    """What a class defines is looked up once per class; attributes an object sets itself are
-    looked for on every object, so two objects of one class are judged each on its own."""
+def test_check_cell_looks_at_the_object_and_its_classes(be):
+    """Names count where getattr finds them without running them: the object's own attributes
+    and its classes'; two objects of one class are judged each on its own, and the metaclass's
+    __call__ (type.__call__) does not stand in for F."""
     class Bare:
         pass
 
     for name in C.CELL_METHODS + ("PARAMS", "theta"):
-        setattr(Bare, name, None)
+        if name != "__call__":
+            setattr(Bare, name, None)
     partly, whole = Bare(), Bare()
     for name in ("d", "d_x", "d_theta", "dtype", "backend", "xp"):
         setattr(whole, name, None)
+    with pytest.raises(ValueError, match=r"got Bare without __call__$"):
+        C.check_cell(whole)
+    Bare.__call__ = lambda self, h, x: h
     C.check_cell(whole)
     with pytest.raises(ValueError, match=r"got Bare without d, d_x, d_theta, dtype, \.\.\.$"):
         C.check_cell(partly)
     partly.d = partly.d_x = partly.d_theta = partly.dtype = partly.backend = 1
     with pytest.raises(ValueError, match=r"got Bare without xp$"):
         C.check_cell(partly)
+    del Bare.flatten                                            # a class changed later is seen
+    with pytest.raises(ValueError, match=r"got Bare without flatten$"):
+        C.check_cell(whole)
+
+
+def test_an_estimate_pickles_and_its_theta_is_the_cells_flatten(be):
+    """Gradient.theta, made on first use, is cell.flatten of the parameter gradients; a Gradient
+    holds no cell, so it pickles and deep-copies (a worker process can send it back)."""
+    import copy
+    import pickle
+    cell, x, g = problem(be)
+    res = solve(cell, x, method="fixed_point", tol=1e-12, max_iter=500)
+    est = estimate("upg", cell, x, res, g)
+    assert np.array_equal(host(est.theta), host(cell.flatten(est.grads)))
+    if be.name == "numpy":
+        for twin in (pickle.loads(pickle.dumps(est)), copy.deepcopy(est)):
+            assert np.array_equal(twin.theta, est.theta) and twin.name == "upg"
 
 
 def test_the_toy_cell_against_finite_differences(be):

@@ -10,8 +10,14 @@ thread, here or in a worker, so its numbers have the same bits either way (``tes
 compares them).
 
 Each worker gets the training runs shared so far (``runs.snapshot()``), so the ablation reuses
-accuracy_speed's runs as it does in one process. What a worker prints is captured and shown whole
-when its experiment ends; its warnings come back to be summed up like the others.
+accuracy_speed's runs as it does in one process, and the caller's backend; settings made in the
+caller's code otherwise (warning filters, patches) do not reach it. What a worker prints is
+captured and shown whole when its experiment ends (no progress bars); its warnings come back to
+be summed up like the others. An error or Ctrl-C cancels the experiments not yet started.
+
+Workers are spawned: they import the caller's main module, so a script that calls
+``deqref.cli.main(["reproduce", ...])`` must do so under ``if __name__ == "__main__":`` (or
+pass ``--jobs 1``), as for any ``multiprocessing`` program.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
+from ..backend import get_backend, set_backend
 from . import EXPERIMENTS, runs
 
 
@@ -53,16 +60,21 @@ def run_in_workers(names, out, seed: int, mode: str, jobs: int):
     experiment's error is raised here, as it would be in one process."""
     if not names:
         return
-    shared = runs.snapshot()
-    with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=get_context("spawn")) as pool:
+    shared, backend = runs.snapshot(), get_backend().name
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=get_context("spawn"))
+    try:
         # the last in ORDER first: the longest (ablation, the precision runs) are there, and a
         # long one started last would leave the other workers idle at the end
-        futures = {pool.submit(_in_worker, name, out, seed, mode, shared): name
+        futures = {pool.submit(_in_worker, name, out, seed, mode, shared, backend): name
                    for name in reversed(names)}
         for future in as_completed(futures):
             data, printed, caught, seconds = future.result()
             yield (futures[future], data, printed, [warnings.WarningMessage(*w) for w in caught],
                    seconds)
+    except BaseException:                     # an experiment's error, Ctrl-C: start nothing more
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def run_one(name: str, out, seed: int, mode: str):
@@ -77,8 +89,10 @@ def run_one(name: str, out, seed: int, mode: str):
     return data, list(caught), time.perf_counter() - t0
 
 
-def _in_worker(name, out, seed, mode, shared):
-    """In a worker: ``run_one`` with the runs shared so far, its output captured."""
+def _in_worker(name, out, seed, mode, shared, backend):
+    """In a worker: ``run_one`` on the caller's backend with the runs shared so far, its output
+    captured."""
+    set_backend(backend)
     runs.restore(shared)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):

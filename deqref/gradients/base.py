@@ -189,8 +189,9 @@ class Gradient:
         (``cell.PARAMS``); each is also an attribute: for the dense layer ``W`` (d, d),
         ``U`` (d, d_x), ``b`` (d,)
     x : (n, d_x) per-sample ∂L/∂x
-    theta : (d_θ,) the parameter gradient flattened in the cell's θ order (``cell.flatten``),
-        made on first use (a copy of every parameter gradient, which training does not need)
+    theta : (d_θ,) the parameter gradient flattened in the cell's θ order (``cell.PARAMS``,
+        each row-major, as ``cell.flatten`` does), made on first use: a copy of every parameter
+        gradient, which a training step does not need
     name : estimator name;  options : the options it ran with
     diagnostics : counts of VJPs / matrix products, residual traces, ...
     flags : one line per problem found (forward solve not converged, adjoint not converged
@@ -203,7 +204,7 @@ class Gradient:
     options: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
     flags: tuple[str, ...] = ()
-    cell: object = field(default=None, repr=False, compare=False)   # whose flatten makes θ
+    order: tuple = field(default=(), repr=False)     # the cell's PARAMS: θ's order
 
     @property
     def ok(self) -> bool:
@@ -214,7 +215,9 @@ class Gradient:
     def theta(self):
         """∂L/∂θ flattened in the cell's θ order   # (d_θ,)"""
         if "_theta" not in self.__dict__:
-            self.__dict__["_theta"] = self.cell.flatten(self.grads)
+            first = self.grads[self.order[0]]
+            xp = backend_of(first).xp
+            self.__dict__["_theta"] = xp.concat([xp.reshape(self.grads[k], (-1,)) for k in self.order])
         return self.__dict__["_theta"]
 
     def __getattr__(self, name):          # only for names that are not fields: the parameters
@@ -229,14 +232,14 @@ class Gradient:
 
 def _check_output(name, grads, grad_x, grad_h, flags) -> None:
     """(c) A non-finite ∂L/∂θ or ∂L/∂x is an error naming the estimator and the cause."""
-    theta_ok = all(all_finite(a) for a in grads.values())
-    bad = [what for what, ok in (("∂L/∂θ", theta_ok), ("∂L/∂x", all_finite(grad_x))) if not ok]
+    xp = backend_of(grad_h).xp
+    theta_ok = all(all_finite(a, xp) for a in grads.values())
+    bad = [what for what, ok in (("∂L/∂θ", theta_ok), ("∂L/∂x", all_finite(grad_x, xp))) if not ok]
     if not bad:
         return
     if flags:
         cause = " | ".join(flags)
     else:
-        xp = backend_of(grad_h).xp
         g_max = float(to_numpy(xp.max(xp.abs(grad_h))))
         cause = (f"overflow: the values pass the range of {dtype_name(grad_h)} "
                  f"(largest |grad_h| {g_max:.3g})")
@@ -260,11 +263,15 @@ def make_gradient(layer, grads: dict, grad_x, name, options, diagnostics, *, gra
     outside ``deqref.gradients``."""
     flags = [f for f in (forward_flag(name, result) if result is not None else None,
                          inner.flag() if inner is not None else None) if f]
+    if set(grads) != set(layer.PARAMS):
+        raise ValueError(f"{name}: the cell's gradient has the parameters {sorted(grads)}, "
+                         f"expected those of its PARAMS {list(layer.PARAMS)}")
     _check_output(name, grads, grad_x, grad_h, flags)
     for f in flags:
         warnings.warn(f, ConvergenceWarning, stacklevel=_caller_level())
-    return Gradient(grads=dict(grads), x=grad_x, name=name, options=options,
-                    diagnostics=diagnostics, flags=tuple(flags), cell=layer)
+    return Gradient(grads={k: grads[k] for k in layer.PARAMS}, x=grad_x, name=name,
+                    options=options, diagnostics=diagnostics, flags=tuple(flags),
+                    order=tuple(layer.PARAMS))
 
 
 def check_nonsingular(name: str, A, jac_norm=None) -> None:

@@ -293,7 +293,7 @@ class Monitor:
         r_abs, f, hn = self.last_norms = norms[0], norms[1], norms[2]   # (n,) float64 each
         self.extra_norms = norms[3:]
         finite = np.isfinite(norms[:3]).all(axis=0)                   # r_abs, ‖F(h)‖, ‖h‖ finite
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             r_rel = r_abs / f                                          # r/0 = inf; NaN stays NaN
             if not f.all():                                            # but 0/0 = 0: F(h) = h = 0
                 r_rel[(f == 0) & (r_abs == 0)] = 0.0
