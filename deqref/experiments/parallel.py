@@ -47,10 +47,12 @@ def available_cores() -> int:
 
 
 def split(names, jobs: int) -> tuple[list, list]:
-    """(run here one by one, run in workers): with one job, everything here."""
-    if jobs <= 1:
+    """(run here one by one, run in workers): with one job, or fewer than two untimed
+    experiments (a worker would gain nothing and hide the progress bars), everything here."""
+    untimed = [n for n in names if not is_timed(n)]
+    if jobs <= 1 or len(untimed) < 2:
         return list(names), []
-    return [n for n in names if is_timed(n)], [n for n in names if not is_timed(n)]
+    return [n for n in names if is_timed(n)], untimed
 
 
 def run_in_workers(names, out, seed: int, mode: str, jobs: int):
