@@ -1,6 +1,8 @@
 """The deqref command: list, reproduce (quick), and errors for bad names."""
 import json
 
+import pytest
+
 from deqref.cli import main
 
 
@@ -78,3 +80,14 @@ def test_reproduce_in_workers_gives_the_same_records(tmp_path, capsys):
     untimed = [[r for r in rs if r["experiment"] != "complexity"] for rs in rows]
     assert untimed[0] == untimed[1] and len(untimed[0]) > 0
     assert [r["id"] for r in rows[0]] == [r["id"] for r in rows[1]]     # in the same order
+
+
+def test_an_error_in_a_worker_is_raised_here(tmp_path):
+    """An experiment that fails in a worker process (here: its output folder is a file) raises
+    the same error in the caller, and nothing more is started."""
+    from deqref.experiments import parallel
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    with pytest.raises(OSError, match="a_file"):
+        list(parallel.run_in_workers(["solver_traces", "theorem1", "static_precision"], out, 0,
+                                     "quick", 2))
