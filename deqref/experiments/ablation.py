@@ -49,7 +49,6 @@ References
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -60,7 +59,7 @@ from ..data import digits
 from ..train import TrainConfig
 from .. import claims as C
 from .accuracy_speed import ACCURACY_DELTA, FORWARD, IMPLICIT_ITERS, L_H_INIT, LR, SPECTRAL_NORM
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 from .runs import trained
 
 MODES = {
@@ -183,17 +182,7 @@ def noise_floor(rows: list) -> dict | None:
 
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(data, indent=1))
-    from .plots_ablation import plot_ablation
-    plot_ablation(data, out / "ablation.png")
-    return data
+    return recorded_run("ablation", measure, out, seed, mode, MODES, "plots_ablation.plot_ablation")
 
 
 def row(data: dict, k: int, lam: float) -> dict:

@@ -56,7 +56,6 @@ References
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +63,7 @@ import numpy as np
 from .. import claims as C
 from ..data import Dataset, digits
 from ..train import DEQModel, TrainConfig, train
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 from .runs import trained
 
 TIMED = True                   # its claims rest on wall-clock times: deqref reproduce runs it alone
@@ -166,17 +165,8 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy_speed.json").write_text(json.dumps(data, indent=1))
-    from .plots_speed import plot_accuracy_speed
-    plot_accuracy_speed(data, out / "accuracy_speed.png")
-    return data
+    return recorded_run("accuracy_speed", measure, out, seed, mode, MODES,
+                        "plots_speed.plot_accuracy_speed")
 
 
 def summary(data: dict) -> str:

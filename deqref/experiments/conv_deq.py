@@ -63,7 +63,6 @@ Stabilizing Equilibrium Models by Jacobian Regularization, ICML 2021.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -73,7 +72,7 @@ import numpy as np
 
 from .. import claims as C
 from .. import jacobian_reg as jr
-from ..backend import _load, backend_of, to_numpy, use_backend
+from ..backend import _load, backend_of, to_numpy
 from ..conv import ConvCell
 from ..data import Dataset, digits
 from ..gradients import estimate, output, shared_unrolls
@@ -81,7 +80,7 @@ from ..heads import LinearHead, cross_entropy
 from ..solvers import ConvergenceWarning, solve
 from ..train import Adam
 from . import complexity
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 
 TIMED = True                   # its claims rest on wall-clock times: deqref reproduce runs it alone
 
@@ -341,19 +340,9 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    t0 = time.perf_counter()
-    with use_backend("numpy"), one_blas_thread():     # NumPy: tracemalloc sees its buffers
-        data = measure(seed, mode)
-    data["setting"]["wall_s"] = time.perf_counter() - t0
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conv_deq.json").write_text(json.dumps(data, indent=1))
-    from .plots_conv import plot_conv_deq
-    plot_conv_deq(data, out / "conv_deq.png")
-    return data
+    # on NumPy: tracemalloc sees its buffers
+    return recorded_run("conv_deq", measure, out, seed, mode, MODES, "plots_conv.plot_conv_deq",
+                        backend="numpy")
 
 
 def summary(data: dict) -> str:

@@ -44,7 +44,6 @@ References
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ from ..data import digits
 from ..solvers import solve
 from ..train import DEQModel, TrainConfig, train
 from .accuracy_speed import SPECTRAL_NORM
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 
 MODES = {
     "quick": dict(d=16, epochs=2, n_seeds=1, batch_size=64),
@@ -167,19 +166,8 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     """Train, write dynamic_precision.{json,png} into ``out``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    t0 = time.perf_counter()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    data["setting"]["wall_s"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dynamic_precision.json").write_text(json.dumps(data, indent=1))
-    from .plots_precision import plot_dynamic_precision
-    plot_dynamic_precision(data, out / "dynamic_precision.png")
-    return data
+    return recorded_run("dynamic_precision", measure, out, seed, mode, MODES,
+                        "plots_precision.plot_dynamic_precision")
 
 
 def summary(data: dict) -> str:

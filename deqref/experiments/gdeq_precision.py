@@ -40,7 +40,6 @@ References
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from .. import claims as C
 from .accuracy_speed import SPECTRAL_NORM
 from .dynamic_precision import (COSINE_DELTA, DESCENT_SHARE, HIST_KEYS, QUANTILES, forward_residual,
                                 overall, per_epoch)
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 
 # runs: (forward memory m, estimator trained with)
 MODES = {
@@ -138,19 +137,8 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
     """Train, write gdeq_precision.{json,png} into ``out``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    t0 = time.perf_counter()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    data["setting"]["wall_s"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gdeq_precision.json").write_text(json.dumps(data, indent=1))
-    from .plots_precision import plot_gdeq_precision
-    plot_gdeq_precision(data, out / "gdeq_precision.png")
-    return data
+    return recorded_run("gdeq_precision", measure, out, seed, mode, MODES,
+                        "plots_precision.plot_gdeq_precision")
 
 
 def run_label(r: dict, full_memory: int) -> str:

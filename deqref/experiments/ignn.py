@@ -58,7 +58,6 @@ References
 """
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -74,7 +73,7 @@ from ..graph_heads import GraphHead, NodeHead, masked_cross_entropy
 from ..heads import cross_entropy
 from ..solvers import ConvergenceWarning, solve
 from ..train import Adam
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 
 TIMED = True                   # its claims rest on wall-clock times: deqref reproduce runs it alone
 
@@ -318,19 +317,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    t0 = time.perf_counter()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["wall_s"] = time.perf_counter() - t0
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ignn.json").write_text(json.dumps(data, indent=1))
-    from .plots_ignn import plot_ignn
-    plot_ignn(data, out / "ignn.png")
-    return data
+    return recorded_run("ignn", measure, out, seed, mode, MODES, "plots_ignn.plot_ignn")
 
 
 def summary(data: dict) -> str:

@@ -65,7 +65,6 @@ Raitz, Jacobian-Free Backpropagation in Deterministic Optimization, Table 1 and 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -75,7 +74,7 @@ from .. import claims as C
 from ..backend import to_numpy
 from ..data import heat_transfer
 from ..train import DEQModel, TrainConfig, train
-from .machine import blas_threads, machine, one_blas_thread
+from .machine import blas_threads, recorded_run
 
 TIMED = True                   # its claims rest on wall-clock times: deqref reproduce runs it alone
 
@@ -156,17 +155,7 @@ def measure(seed: int = 0, mode: str = "default") -> dict:
 
 
 def run(out: Path, seed: int = 0, mode: str = "default") -> dict:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    before = machine()
-    with one_blas_thread():
-        data = measure(seed, mode)
-    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "jfb_batch.json").write_text(json.dumps(data, indent=1))
-    from .plots_speed import plot_jfb_batch
-    plot_jfb_batch(data, out / "jfb_batch.png")
-    return data
+    return recorded_run("jfb_batch", measure, out, seed, mode, MODES, "plots_speed.plot_jfb_batch")
 
 
 def _reached(tt: dict) -> str:

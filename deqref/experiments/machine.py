@@ -7,9 +7,13 @@ with scikit-learn; optional, so a missing one is recorded as None and never fail
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import platform
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +84,24 @@ def machine() -> dict:
     load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"cpu": model, "cores": os.cpu_count(), "loadavg_1_5_15min": load,
             "python": platform.python_version(), "numpy": np.__version__, **numerics()}
+
+
+def recorded_run(name: str, measure, out: Path, seed: int, mode: str, modes, plot: str,
+                 backend: str | None = None) -> dict:
+    """An experiment's ``run``: ``measure(seed, mode)`` with one BLAS thread (on ``backend``, a name,
+    where given), its setting noting the machine before and the load after (``machine``) and
+    ``wall_s``; written to ``out/name.json`` and drawn by ``plot`` ("module.function" under
+    ``deqref.experiments``) into ``out/name.png``. ``mode`` must be one of ``modes``."""
+    if mode not in modes:
+        raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+    from ..backend import use_backend
+    before, t0 = machine(), time.perf_counter()
+    with (use_backend(backend) if backend else nullcontext()), one_blas_thread():
+        data = measure(seed, mode)
+    data["setting"]["wall_s"] = time.perf_counter() - t0
+    data["setting"]["machine"] = {**before, "loadavg_after": machine()["loadavg_1_5_15min"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    module, function = plot.rsplit(".", 1)
+    getattr(importlib.import_module(f"{__package__}.{module}"), function)(data, out / f"{name}.png")
+    return data
