@@ -269,3 +269,35 @@ def test_a_start_near_an_unstable_fixed_point_is_not_diverged(be, arr, method):
         assert abs(h - h_star) <= 1.3e-10 * h_star
     else:                                           # at 0: F'(0) = 2, |h| ≤ r_abs / (2 − 1)
         assert min(abs(h), abs(abs(h) - h_star)) <= 1.3e-10 * h_star
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_stop_masks_are_their_definitions(dtype):
+    """Monitor's diverged and converged masks (taken as one comparison against limits set at the
+    first record) against the definitions of deqref.solvers.result written out here, on values
+    at the edges: NaN, ±inf, 0, tiny, huge, and norms on either side of each limit."""
+    from deqref.solvers.result import Monitor
+    eps = float(np.finfo(dtype).eps)
+    tol, factor = 1e-5, 1e8
+    n = 9
+    rng = np.random.default_rng(0)
+    scales = np.array([0, 1e-20, 1, 1, 10, 1e3, 1e6, 1e-3, 5])[:, None]
+    h0 = (rng.standard_normal((n, 3)) * scales).astype(dtype)
+    F0 = (0.5 * h0 + 1.0).astype(dtype)
+    mon = Monitor(n, tol=tol, atol=1e-30, norm="2", stall_iter=None, divergence_factor=factor,
+                  max_iter=10, name="t", warn=False)
+    mon.record(h0, F0)
+    S0, r0 = mon.S0, mon.abs_rows[0]             # the first record's norms (tested elsewhere)
+    one = lambda v: np.maximum(np.nan_to_num(v, nan=1.0, posinf=1.0), 1.0)   # noqa: E731
+    values = [0.0, 1e-300, 1e-8, 0.5, 1.0, 3.0, 1e6, 1e9, 1e16, 1e300, np.inf, -np.inf, np.nan]
+    cases = rng.choice(values, size=(4000, 3, n))
+    cases[::3] *= rng.uniform(0.5, 2.0, size=cases[::3].shape)                  # off the grid too
+    for r, f, hn in cases:
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(r) & np.isfinite(f) & np.isfinite(hn)
+            diverged = (~finite | (r > factor * one(r0)) | (hn > factor * one(S0))
+                        | (eps * hn > one(S0)))
+            s = np.sqrt(tol) * S0
+            converged = finite & ((r <= 1e-30) | ((r <= tol * np.maximum(f, s)) & (r <= s)))
+        assert np.array_equal(mon.diverged_mask(r, f, hn), diverged)
+        assert np.array_equal(mon.converged_mask(r, f, hn), converged)
